@@ -1,0 +1,255 @@
+"""Reading ``(inputs, label, group)`` samples and calling models on them.
+
+Datasets may yield tuples ``(inputs, label, group)`` or mappings with
+configurable keys. These helpers turn a collated batch into tensors and a model
+output into logits, so every method and metric reads data the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+
+from miu_hooks.errors import DataError, NoClassifierOutputError
+
+__all__ = [
+    "Batch",
+    "IndexedDataset",
+    "dataset_groups",
+    "forward_logits",
+    "split_batch",
+]
+
+INPUT_KEYS = ("pixel_values", "input", "inputs", "x", "input_ids")
+LABEL_KEYS = ("labels", "label", "y")
+
+
+class Batch:
+    """A batch split into model inputs, labels, groups and (optional) indices.
+
+    Attributes:
+        inputs: A tensor, or a dict of tensors passed as keyword arguments.
+        labels: LongTensor[B].
+        groups: LongTensor[B].
+        index: LongTensor[B] of dataset positions, when the loader provides them.
+    """
+
+    __slots__ = ("groups", "index", "inputs", "labels")
+
+    def __init__(
+        self,
+        inputs: Tensor | dict[str, Tensor],
+        labels: Tensor,
+        groups: Tensor,
+        index: Tensor | None = None,
+    ) -> None:
+        self.inputs = inputs
+        self.labels = labels
+        self.groups = groups
+        self.index = index
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move every tensor to ``device`` (non-blocking) and return ``self``."""
+        if isinstance(self.inputs, dict):
+            self.inputs = {k: _move(v, device) for k, v in self.inputs.items()}
+        else:
+            self.inputs = _move(self.inputs, device)
+        self.labels = self.labels.to(device, non_blocking=True)
+        self.groups = self.groups.to(device, non_blocking=True)
+        if self.index is not None:
+            self.index = self.index.to(device, non_blocking=True)
+        return self
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _move(value: Any, device: torch.device | str) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+
+
+def _pick(mapping: Mapping[str, Any], key: str | None, candidates: Sequence[str], what: str) -> str:
+    if key is not None:
+        if key not in mapping:
+            raise DataError(f"batch has no {what} column {key!r}; columns are {sorted(mapping)}")
+        return key
+    for cand in candidates:
+        if cand in mapping:
+            return cand
+    raise DataError(
+        f"batch has no {what} column (looked for {', '.join(candidates)}); "
+        f"columns are {sorted(mapping)}; set the {what} key in MIUConfig"
+    )
+
+
+def split_batch(
+    batch: Any,
+    *,
+    input_key: str | None = None,
+    label_key: str | None = None,
+    group_key: str = "group",
+    id_key: str = "id",
+) -> Batch:
+    """Split a collated batch into :class:`Batch` fields.
+
+    Tuples are read as ``(inputs, label, group[, index])``. Mappings are read by
+    key; every key that is not a label, group, id or index column and that the
+    input key does not name stays in ``inputs`` when ``input_key`` is ``None`` and
+    several model inputs are present (e.g. ``input_ids`` and ``attention_mask``).
+
+    Args:
+        batch: A collated batch (tuple/list or mapping).
+        input_key: Key of the inputs; ``None`` picks the first known one.
+        label_key: Key of the labels; ``None`` picks ``labels``/``label``/``y``.
+        group_key: Key of the group ids.
+        id_key: Key of sample ids, dropped from the inputs.
+
+    Returns:
+        The batch as a :class:`Batch`.
+
+    Raises:
+        DataError: A column is missing or the tuple has the wrong length.
+
+    Example:
+        >>> b = split_batch({"pixel_values": torch.zeros(2, 3), "labels": torch.tensor([0, 1]),
+        ...                  "group": torch.tensor([1, 2])})
+        >>> b.inputs.shape, b.groups.tolist()
+        (torch.Size([2, 3]), [1, 2])
+    """
+    if isinstance(batch, Mapping):
+        lkey = _pick(batch, label_key, LABEL_KEYS, "label")
+        if group_key not in batch:
+            raise DataError(f"batch has no group column {group_key!r}; columns are {sorted(batch)}")
+        index = batch.get("__index__")
+        if input_key is not None or "input_ids" not in batch:
+            ikey = _pick(batch, input_key, INPUT_KEYS, "input")
+            inputs: Tensor | dict[str, Tensor] = batch[ikey]
+        else:
+            skip = {lkey, group_key, id_key, "__index__"}
+            inputs = {k: v for k, v in batch.items() if k not in skip}
+        return Batch(inputs, _long(batch[lkey], "labels"), _long(batch[group_key], "groups"), index)
+    if isinstance(batch, (tuple, list)):
+        if len(batch) not in (3, 4):
+            raise DataError(
+                f"tuple items must be (inputs, label, group); got a tuple of {len(batch)}"
+            )
+        index = batch[3] if len(batch) == 4 else None
+        return Batch(batch[0], _long(batch[1], "labels"), _long(batch[2], "groups"), index)
+    raise DataError(f"unsupported batch type {type(batch).__name__}: use a tuple or a mapping")
+
+
+def _long(value: Any, what: str) -> Tensor:
+    tensor = torch.as_tensor(value)
+    if tensor.is_floating_point():
+        if not torch.equal(tensor, tensor.round()):
+            raise DataError(f"{what} must be integers; got fractional values")
+    return tensor.long().reshape(-1)
+
+
+def forward_logits(model: nn.Module, inputs: Tensor | dict[str, Tensor]) -> Tensor:
+    """Call ``model`` on ``inputs`` and return its logits.
+
+    Dict inputs are passed as keyword arguments. The output may be a tensor, an
+    object with ``.logits`` (Hugging Face), or a tuple whose first element is
+    the logits.
+
+    Raises:
+        NoClassifierOutputError: The output carries no logits tensor.
+
+    Example:
+        >>> forward_logits(nn.Linear(3, 2), torch.zeros(4, 3)).shape
+        torch.Size([4, 2])
+    """
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return logits_of(out)
+
+
+def logits_of(out: Any) -> Tensor:
+    """Return the logits held by a model output (see :func:`forward_logits`)."""
+    if isinstance(out, Tensor):
+        logits = out
+    elif getattr(out, "logits", None) is not None:
+        logits = out.logits
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        logits = out[0]
+    else:
+        raise NoClassifierOutputError(
+            f"model output of type {type(out).__name__} has no logits: return a tensor "
+            "[B, num_classes], an object with .logits, or a tuple starting with the logits"
+        )
+    if logits.dim() != 2:
+        raise NoClassifierOutputError(
+            f"model logits must be [batch, num_classes]; got shape {tuple(logits.shape)}"
+        )
+    return logits
+
+
+class IndexedDataset(Dataset):
+    """A view of ``dataset`` whose items also carry their position.
+
+    Tuple items become ``(inputs, label, group, index)``; mapping items gain an
+    ``"__index__"`` key. Used to look up cached per-sample features.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        if isinstance(item, Mapping):
+            return {**item, "__index__": i}
+        if isinstance(item, (tuple, list)) and len(item) == 3:
+            return (*item, i)
+        raise DataError(
+            f"dataset items must be (inputs, label, group) tuples or mappings; "
+            f"item {i} is {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        )
+
+
+def dataset_groups(dataset: Dataset, group_key: str = "group") -> Tensor:
+    """Return the group id of every sample of ``dataset`` as LongTensor[N].
+
+    Uses a ``groups`` attribute, a :class:`TensorDataset`'s third tensor, or
+    :class:`Subset`/:class:`ConcatDataset` structure when available, so images
+    are not loaded just to read groups; otherwise reads every item.
+
+    Example:
+        >>> ds = TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1]), torch.tensor([0, 3, 2]))
+        >>> dataset_groups(ds).tolist()
+        [0, 3, 2]
+    """
+    if hasattr(dataset, "groups"):
+        return torch.as_tensor(dataset.groups).long().reshape(-1)
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 3:
+        return dataset.tensors[2].long().reshape(-1)
+    if isinstance(dataset, Subset):
+        return dataset_groups(dataset.dataset, group_key)[torch.as_tensor(dataset.indices)]
+    if isinstance(dataset, ConcatDataset):
+        return torch.cat([dataset_groups(d, group_key) for d in dataset.datasets])
+    if isinstance(dataset, IndexedDataset):
+        return dataset_groups(dataset.dataset, group_key)
+    groups = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        item = dataset[i]
+        if isinstance(item, Mapping):
+            if group_key not in item:
+                raise DataError(
+                    f"dataset item {i} has no group column {group_key!r}; keys are {sorted(item)}"
+                )
+            groups.append(int(item[group_key]))
+        elif isinstance(item, (tuple, list)) and len(item) >= 3:
+            groups.append(int(item[2]))
+        else:
+            raise DataError(
+                f"dataset items must be (inputs, label, group) tuples or mappings; "
+                f"item {i} is {type(item).__name__}"
+            )
+    return torch.tensor(groups, dtype=torch.long)

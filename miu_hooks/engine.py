@@ -1,0 +1,467 @@
+"""The MIU engine: one handle holding critics, taps and the per-epoch schedule.
+
+``attach`` validates its inputs, taps the model in place and returns an
+:class:`MIUHandle`. The plain loop (:func:`miu_hooks.unlearn`), the Trainer
+callback and the Accelerate integration all drive this one handle:
+
+* :meth:`MIUHandle.epoch_start` tunes both critics, then runs the forget pass
+  while ``epoch < forget_epochs`` (METHOD.md §3.3 steps 1-2);
+* :meth:`MIUHandle.retain_loss` is CE + λ·(Î_u − sg Î_o)² on a retain batch (step 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from miu_hooks.config import MIUConfig
+from miu_hooks.data import Batch, forward_logits, split_batch
+from miu_hooks.errors import NonFiniteLossError
+from miu_hooks.estimators import MIEstimator
+from miu_hooks.functional import calibration_loss, checked_cross_entropy
+from miu_hooks.reference import freeze, load_original
+from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
+from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
+from miu_hooks.taps import FeatureTap, infer_feature_dim, unwrap_model
+
+__all__ = ["MIUHandle", "attach", "batchnorm_buffers_restored", "resolve_original"]
+
+logger = logging.getLogger(__name__)
+
+OriginalSpec = nn.Module | str | os.PathLike[str] | None
+
+
+def resolve_original(model: nn.Module, original: OriginalSpec) -> nn.Module:
+    """Return the frozen original model for ``original`` (see :func:`attach`)."""
+    if original is None:
+        return load_original(unwrap_model(model))
+    if isinstance(original, (str, os.PathLike)):
+        return load_original(unwrap_model(model), original)
+    if isinstance(original, nn.Module):
+        return freeze(original)
+    raise TypeError(
+        f"original must be None, a safetensors path or an nn.Module; got {type(original).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def batchnorm_buffers_restored(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Snapshot BatchNorm running statistics and restore them on exit."""
+    if not enabled:
+        yield
+        return
+    saved = [
+        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in saved:
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)
+
+
+def _cycle(loader: Iterable[Any], epoch: int) -> Iterator[Any]:
+    """Iterate ``loader`` forever; each pass is reshuffled from (epoch, pass)."""
+    k = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch * 1009 + k)
+        yield from loader
+        k += 1
+
+
+class MIUHandle:
+    """State and steps of MIU attached to one model (returned by :func:`attach`).
+
+    Attributes:
+        model: The unlearned model (tapped in place, never wrapped).
+        original: The frozen original model (eval mode, no gradients).
+        config: The run's :class:`MIUConfig`.
+        runtime: How steps are executed (device, precision, collectives).
+        tap: Feature tap on the model's head.
+        critic_model: T_u, the critic on the unlearned model's features.
+        critic_original: T_o, the critic on the original model's features.
+        logs: Running values of the MI terms since the last :meth:`pop_logs`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MIUConfig,
+        *,
+        original: nn.Module,
+        num_groups: int,
+        feature_module: str | nn.Module | None = None,
+        runtime: Runtime | None = None,
+        forward_model: nn.Module | None = None,
+        tap_when: str = "always",
+    ) -> None:
+        self.model = unwrap_model(model)
+        self.forward_model = forward_model if forward_model is not None else model
+        self.config = config
+        self.num_groups = int(num_groups)
+        self.runtime = runtime or LocalRuntime(resolve_device(config.device), config.precision)
+        self.original = original.to(self.runtime.device)
+        self.tap = FeatureTap(self.model, feature_module, when=tap_when)  # type: ignore[arg-type]
+        try:
+            self.tap_original = FeatureTap(self.original, self.tap.name)
+        except Exception:
+            self.tap.remove()
+            raise
+        self.critic_model: MIEstimator | None = None
+        self.critic_original: MIEstimator | None = None
+        self.opt_critic_model: torch.optim.Optimizer | None = None
+        self.opt_critic_original: torch.optim.Optimizer | None = None
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config.seed + 7919)
+        self.feature_cache: Tensor | None = None
+        self.epoch = 0
+        self.counters = {"tune": 0, "forget": 0, "retain": 0}
+        self.logs: dict[str, list[Tensor]] = {}
+        self.enabled = True
+        dim = infer_feature_dim(self.tap.module)
+        if dim is not None:
+            self._build_critics(dim)
+
+    # -- critics -----------------------------------------------------------------
+    def _build_critics(self, feature_dim: int) -> None:
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            crit_u = MIEstimator(feature_dim, self.num_groups, cfg.mine_hidden, cfg.ema)
+            crit_o = MIEstimator(feature_dim, self.num_groups, cfg.mine_hidden, cfg.ema)
+        self.critic_model = crit_u.to(self.runtime.device).requires_grad_(False)
+        self.critic_original = crit_o.to(self.runtime.device).requires_grad_(False)
+        self.opt_critic_model = torch.optim.SGD(crit_u.parameters(), lr=cfg.mine_lr, momentum=0.9)
+        self.opt_critic_original = torch.optim.SGD(
+            crit_o.parameters(), lr=cfg.mine_lr, momentum=0.9
+        )
+
+    def _critics(self, z: Tensor) -> tuple[MIEstimator, MIEstimator]:
+        if self.critic_model is None:
+            self._build_critics(int(z.shape[1]))
+        assert self.critic_model is not None and self.critic_original is not None
+        return self.critic_model, self.critic_original
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Width d of the tapped features, once known."""
+        return None if self.critic_model is None else self.critic_model.feature_dim
+
+    # -- features ------------------------------------------------------------------
+    def _original_ready(self) -> nn.Module:
+        # Re-assert the frozen state before every use (METHOD.md §8.3).
+        if self.config.original_mode == "eval":
+            self.original.eval()
+        else:
+            self.original.train()
+        self.original.requires_grad_(False)
+        return self.original
+
+    @torch.no_grad()
+    def original_features(self, batch: Batch) -> Tensor:
+        """Return z_o for ``batch``: from the cache when indexed, else a no-grad forward."""
+        if self.feature_cache is not None and batch.index is not None:
+            return self.feature_cache[batch.index.to(self.feature_cache.device)].to(
+                self.runtime.device
+            )
+        original = self._original_ready()
+        with self.runtime.autocast(), self.tap_original.capturing():
+            forward_logits(original, batch.inputs)
+        return self.tap_original.pop()
+
+    @torch.no_grad()
+    def build_feature_cache(self, loader: Iterable[Any], size: int) -> Tensor:
+        """Compute the original model's features of every sample once.
+
+        ``loader`` must yield indexed batches (see :class:`~miu_hooks.data.IndexedDataset`)
+        covering positions ``0..size-1``; later batches carrying ``index`` read
+        z_o from the cache instead of running the original model.
+        """
+        cache: Tensor | None = None
+        self.feature_cache = None
+        for raw in loader:
+            batch = self.split(raw)
+            assert batch.index is not None, "feature cache needs indexed batches"
+            z = self.original_features(batch)
+            if cache is None:
+                cache = torch.zeros(size, z.shape[1], dtype=torch.float32, device=z.device)
+            cache[batch.index] = z
+        self.feature_cache = cache
+        return cache if cache is not None else torch.zeros(0)
+
+    def split(self, raw: Any) -> Batch:
+        """Split a raw batch with the config's keys and move it to the device."""
+        cfg = self.config
+        batch = (
+            raw
+            if isinstance(raw, Batch)
+            else split_batch(
+                raw,
+                input_key=cfg.input_key,
+                label_key=cfg.label_key,
+                group_key=cfg.group_key,
+                id_key=cfg.id_key,
+            )
+        )
+        return batch.to(self.runtime.device)
+
+    # -- MI --------------------------------------------------------------------------
+    def _marginal(self, n: int, device: torch.device) -> Tensor:
+        return torch.randint(0, self.num_groups, (n,), generator=self.generator).to(device)
+
+    def mi_pair(
+        self, z_model: Tensor, z_original: Tensor | None, groups: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Estimate Î_u and Î_o on the (global) batch with the same marginal groups."""
+        rt = self.runtime
+        z_model = rt.gather(z_model)
+        groups = rt.gather(groups)
+        crit_u, crit_o = self._critics(z_model)
+        marginal = self._marginal(z_model.shape[0], z_model.device)
+        mi_u = crit_u(z_model, groups, marginal)
+        mi_o = None
+        if z_original is not None:
+            mi_o = crit_o(rt.gather(z_original.detach()), groups, marginal)
+        return mi_u, mi_o
+
+    # -- the three steps ---------------------------------------------------------------
+    def tune(self, batches: Iterator[Any], steps: int) -> None:
+        """Run ``steps`` critic-tuning steps (features under ``no_grad``; METHOD §3.3 step 1)."""
+        if steps <= 0:
+            return
+        was_training = self.model.training
+        self.model.train()
+        try:
+            with batchnorm_buffers_restored(self.model, self.config.restore_batchnorm):
+                for _ in range(steps):
+                    self._tune_step(self.split(next(batches)))
+        finally:
+            self.model.train(was_training)
+            if self.critic_model is not None and self.critic_original is not None:
+                self.critic_model.requires_grad_(False)
+                self.critic_original.requires_grad_(False)
+
+    def _tune_step(self, batch: Batch) -> None:
+        with torch.no_grad(), self.runtime.autocast(), self.tap.capturing():
+            forward_logits(self.model, batch.inputs)
+        z_u = self.tap.pop().detach()
+        if self.config.tune_original_on == "original":
+            z_o = self.original_features(batch)
+        else:
+            z_o = z_u
+        crit_u, crit_o = self._critics(z_u)
+        assert self.opt_critic_model is not None and self.opt_critic_original is not None
+        crit_u.requires_grad_(True)
+        crit_o.requires_grad_(True)
+        mi_u, mi_o = self.mi_pair(z_u, z_o, batch.groups)
+        assert mi_o is not None
+        loss = -(mi_u + mi_o)
+        self.check_finite(loss, "critic tuning", "-(I_u + I_o)")
+        self.opt_critic_model.zero_grad(set_to_none=True)
+        self.opt_critic_original.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_critic_model.step()
+        self.opt_critic_original.step()
+        self.counters["tune"] += 1
+        self._log("miu/tune_mi_model", mi_u)
+        self._log("miu/tune_mi_original", mi_o)
+
+    def forget_loss(self, z_model: Tensor, groups: Tensor) -> Tensor:
+        """L_f = Î_u(z_u, g) on a forget batch (critic fixed)."""
+        mi_u, _ = self.mi_pair(z_model, None, groups)
+        self.check_finite(mi_u, "forget", "I_u")
+        self._log("miu/forget_mi", mi_u)
+        return mi_u
+
+    def retain_penalty(self, z_model: Tensor, batch: Batch) -> Tensor:
+        """λ·(Î_u − sg Î_o)² on a retain batch, both with the same marginal groups."""
+        z_original = self.original_features(batch)
+        mi_u, mi_o = self.mi_pair(z_model, z_original, batch.groups)
+        assert mi_o is not None
+        cal = calibration_loss(mi_u, mi_o)
+        self.check_finite(cal, "retain", "calibration")
+        self._log("miu/mi_model", mi_u)
+        self._log("miu/mi_original", mi_o)
+        self._log("miu/calibration", cal)
+        return self.config.mi_weight * cal
+
+    def retain_loss(self, logits: Tensor, batch: Batch) -> Tensor:
+        """MIU's retain loss: CE(logits, y) + λ·(Î_u − sg Î_o)² (the tap's features)."""
+        ce = checked_cross_entropy(logits, batch.labels)
+        self.check_finite(ce, "retain", "cross-entropy")
+        z_model = self.tap.pop()
+        if not (self.enabled and self.config.calibrate and self.config.mi_weight > 0):
+            return ce
+        loss = ce + self.retain_penalty(z_model, batch)
+        self._log("miu/ce", ce)
+        return loss
+
+    def forget_pass(self, loader: Iterable[Any], optimizer: torch.optim.Optimizer) -> None:
+        """One pass over the forget loader minimising Î_u (METHOD §3.3 step 2)."""
+        rt, cfg = self.runtime, self.config
+        self.forward_model.train()
+        for raw in loader:
+            batch = self.split(raw)
+            optimizer.zero_grad(set_to_none=True)
+            with rt.autocast():
+                forward_logits(self.forward_model, batch.inputs)
+            loss = self.forget_loss(self.tap.pop(), batch.groups)
+            rt.backward(loss)
+            rt.sync_model_grads(self.model)
+            if cfg.max_grad_norm is not None:
+                rt.clip_grad_norm(optimizer, self.model.parameters(), cfg.max_grad_norm)
+            rt.step(optimizer)
+            self.counters["forget"] += 1
+
+    def epoch_start(
+        self,
+        epoch: int,
+        *,
+        optimizer: torch.optim.Optimizer,
+        forget_loader: Iterable[Any],
+        tune_loader: Iterable[Any],
+    ) -> None:
+        """Tune the critics, then (for ``epoch < forget_epochs``) run the forget pass."""
+        self.epoch = epoch
+        steps = self.config.mine_warmup_iters if epoch == 0 else self.config.mine_iters
+        self.tune(_cycle(tune_loader, epoch), steps)
+        if epoch < self.config.forget_epochs:
+            self.forget_pass(forget_loader, optimizer)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def check_finite(self, value: Tensor, phase: str, term: str) -> None:
+        """Raise :class:`NonFiniteLossError` naming the step when ``value`` is NaN/Inf."""
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise NonFiniteLossError(
+                f"non-finite {term} ({float(value.detach().float().reshape(-1)[0])}) in the "
+                f"{phase} step at epoch {self.epoch} (steps so far: {self.counters}); "
+                "lower lr or mine_lr, or enable max_grad_norm"
+            )
+
+    def _log(self, key: str, value: Tensor) -> None:
+        self.logs.setdefault(key, []).append(value.detach())
+
+    def pop_logs(self) -> dict[str, float]:
+        """Return the mean of each logged term since the last call, and reset."""
+        out = {k: float(torch.stack(v).float().mean()) for k, v in self.logs.items() if v}
+        self.logs = {}
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Critics, EMA buffers, critic-optimizer momentum, RNG and counters (flat tensors)."""
+        state: dict[str, Tensor] = {
+            "generator": self.generator.get_state(),
+            "epoch": torch.tensor(self.epoch),
+        }
+        for key, value in self.counters.items():
+            state[f"counter.{key}"] = torch.tensor(value)
+        if self.critic_model is not None:
+            assert self.critic_original is not None
+            assert self.opt_critic_model is not None and self.opt_critic_original is not None
+            state["feature_dim"] = torch.tensor(self.critic_model.feature_dim)
+            for name, module, opt in (
+                ("critic_model", self.critic_model, self.opt_critic_model),
+                ("critic_original", self.critic_original, self.opt_critic_original),
+            ):
+                for k, v in module.state_dict().items():
+                    state[f"{name}.{k}"] = v.detach().clone()
+                state.update(flatten_optimizer_state(opt, prefix=f"opt_{name}."))
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output (critics are built if needed)."""
+        self.generator.set_state(state["generator"].to(torch.uint8).cpu())
+        self.epoch = int(state["epoch"])
+        for key in self.counters:
+            self.counters[key] = int(state.get(f"counter.{key}", torch.tensor(0)))
+        if "feature_dim" in state:
+            if self.critic_model is None:
+                self._build_critics(int(state["feature_dim"]))
+            assert self.critic_model is not None and self.critic_original is not None
+            assert self.opt_critic_model is not None and self.opt_critic_original is not None
+            for name, module, opt in (
+                ("critic_model", self.critic_model, self.opt_critic_model),
+                ("critic_original", self.critic_original, self.opt_critic_original),
+            ):
+                module.load_state_dict(unprefixed(state, f"{name}."), strict=False)
+                load_flat_optimizer_state(opt, state, prefix=f"opt_{name}.")
+
+    def remove(self) -> None:
+        """Remove both taps; idempotent. The model is left exactly as attached."""
+        self.tap.remove()
+        self.tap_original.remove()
+        self.enabled = False
+
+    def __enter__(self) -> MIUHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach(
+    model: nn.Module,
+    config: MIUConfig | None = None,
+    *,
+    num_groups: int,
+    original: OriginalSpec = None,
+    feature_module: str | nn.Module | None = None,
+    runtime: Runtime | None = None,
+    forward_model: nn.Module | None = None,
+    tap_when: str = "always",
+) -> MIUHandle:
+    """Attach MIU to ``model`` in place and return the handle that drives it.
+
+    Build (or pass) the original model *before* attaching: a deep copy of a
+    tapped model would carry the tap. ``original=None`` snapshots ``model`` as
+    it is now.
+
+    Args:
+        model: The classifier to unlearn (never wrapped; hooks only).
+        config: Run configuration (defaults to ``MIUConfig()``).
+        num_groups: |G|, the number of (label, attribute) groups.
+        original: ``None`` (snapshot of ``model``), a safetensors path, or a module.
+        feature_module: Head override for the feature tap.
+        runtime: Execution runtime (default: a :class:`LocalRuntime` from the config).
+        forward_model: The module to call for training forwards when ``model`` is
+            wrapped (e.g. by DDP); hooks are still placed on the unwrapped model.
+        tap_when: ``"always"`` or ``"train"`` (see :class:`FeatureTap`).
+
+    Returns:
+        The :class:`MIUHandle`; ``handle.remove()`` (or ``with``) detaches it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with attach(net, MIUConfig(device="cpu", mine_hidden=16), num_groups=4) as h:
+        ...     h.feature_dim
+        8
+        >>> len(net[2]._forward_pre_hooks)
+        0
+    """
+    config = config or MIUConfig()
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1; got {num_groups}")
+    frozen = resolve_original(model, original)
+    if frozen is unwrap_model(model):
+        raise ValueError("original must be a separate module, not the model being unlearned")
+    return MIUHandle(
+        model,
+        config,
+        original=frozen,
+        num_groups=num_groups,
+        feature_module=feature_module,
+        runtime=runtime,
+        forward_model=forward_model,
+        tap_when=tap_when,
+    )

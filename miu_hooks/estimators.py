@@ -1,0 +1,146 @@
+r"""``MIEstimator``: the MINE statistics network with its EMA state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from miu_hooks.errors import GroupRangeError
+from miu_hooks.functional import ema_log_mean_exp, log_mean_exp
+
+__all__ = ["MIEstimator"]
+
+
+def _autocast_off(device_type: str) -> torch.autocast:
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class MIEstimator(nn.Module):
+    r"""Donsker-Varadhan (MINE) estimator of the information between features and groups.
+
+    The statistics network is
+    :math:`T(z, g) = \mathrm{Linear}(d + |G| \to h) \to \mathrm{ReLU} \to \mathrm{Linear}(h \to 1)`
+    on ``concat(z, onehot(g))``. A call returns
+
+    .. math::
+        \hat I = \frac{1}{B}\sum_i T(z_i, g_i) - \log \frac{1}{B}\sum_i e^{T(z_i, \tilde g_i)},
+        \quad \tilde g_i \sim \mathcal U\{0..|G|-1\}
+
+    in nats, whose gradient through the log term uses MINE's moving average
+    (buffer ``log_running_mean``, the log of m). With uniform marginal groups the
+    bound targets :math:`I(Z;G) + \mathrm{KL}(p(g)\,\|\,\mathcal U)`; the offset
+    cancels in MIU's calibration difference. Everything runs in fp32 with
+    autocast disabled, whatever the caller's precision.
+
+    Args:
+        feature_dim: d, the feature width.
+        num_groups: |G|.
+        hidden: Hidden width of the statistics network.
+        ema: α, the weight of the newest batch in the moving average.
+
+    Example:
+        >>> est = MIEstimator(feature_dim=4, num_groups=2, hidden=8)
+        >>> mi = est(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        >>> mi.dim(), mi.requires_grad
+        (0, True)
+    """
+
+    log_running_mean: Tensor
+    initialized: Tensor
+
+    def __init__(self, feature_dim: int, num_groups: int, hidden: int = 512, ema: float = 0.01):
+        super().__init__()
+        if feature_dim < 1 or num_groups < 1 or hidden < 1:
+            raise ValueError(
+                f"MIEstimator needs feature_dim, num_groups and hidden >= 1; got "
+                f"{feature_dim}, {num_groups}, {hidden}"
+            )
+        if not 0 < ema <= 1:
+            raise ValueError(f"MIEstimator ema must be in (0, 1]; got {ema}")
+        self.feature_dim = int(feature_dim)
+        self.num_groups = int(num_groups)
+        self.ema = float(ema)
+        self.net = nn.Sequential(
+            nn.Linear(self.feature_dim + self.num_groups, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+        self.register_buffer("log_running_mean", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"feature_dim={self.feature_dim}, num_groups={self.num_groups}, ema={self.ema}"
+
+    def scores(self, z: Tensor, groups: Tensor) -> Tensor:
+        """Return FloatTensor[B], the statistics network on ``(z, onehot(groups))``."""
+        if z.dim() != 2 or z.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"MIEstimator expects features [B, {self.feature_dim}]; got {tuple(z.shape)}"
+            )
+        groups = groups.long().reshape(-1)
+        if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= self.num_groups):
+            raise GroupRangeError(
+                f"group ids must lie in [0, {self.num_groups}); got "
+                f"{int(groups.min())}..{int(groups.max())}"
+            )
+        weight = self.net[0].weight
+        with _autocast_off(z.device.type):
+            onehot = F.one_hot(groups, self.num_groups).to(weight.dtype)
+            return self.net(torch.cat([z.to(weight.dtype), onehot], dim=1)).float().reshape(-1)
+
+    def sample_marginal(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` uniformly random group ids (on the generator's device)."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randint(0, self.num_groups, (n,), generator=generator, device=device)
+
+    def forward(
+        self,
+        z: Tensor,
+        groups: Tensor,
+        marginal_groups: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        update_ema: bool = True,
+    ) -> Tensor:
+        """Return the DV lower bound (nats) on this batch as a differentiable scalar.
+
+        Args:
+            z: FloatTensor[B, d] features (cast to fp32 inside).
+            groups: LongTensor[B] group of each feature row.
+            marginal_groups: LongTensor[B] marginal groups g̃; drawn uniformly when ``None``.
+            generator: Generator for the marginal draw.
+            update_ema: Update the moving average with this batch (training calls);
+                ``False`` leaves the state untouched and uses the plain gradient.
+
+        Returns:
+            A scalar tensor.
+        """
+        z = z.float()
+        if marginal_groups is None:
+            marginal_groups = self.sample_marginal(z.shape[0], generator)
+        marginal_groups = marginal_groups.to(z.device)
+        joint = self.scores(z, groups.to(z.device))
+        marginal = self.scores(z, marginal_groups)
+        with _autocast_off(z.device.type):
+            if not update_ema:
+                return joint.mean() - log_mean_exp(marginal)
+            self.update_running_mean(marginal.detach())
+            return joint.mean() - ema_log_mean_exp(marginal, self.log_running_mean)
+
+    @torch.no_grad()
+    def update_running_mean(self, marginal_scores: Tensor) -> None:
+        """Fold this batch's mean of exp(scores) into the moving average (log domain)."""
+        batch_lme = log_mean_exp(marginal_scores)
+        if not bool(self.initialized):
+            self.log_running_mean.copy_(batch_lme)
+            self.initialized.fill_(True)
+            return
+        a = self.ema
+        mixed = torch.logaddexp(
+            batch_lme + math.log(a),
+            self.log_running_mean + (math.log1p(-a) if a < 1 else -math.inf),
+        )
+        self.log_running_mean.copy_(mixed)

@@ -1,0 +1,201 @@
+"""What every unlearning method shares: the run context, loaders and the step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from miu_hooks.config import MIUConfig
+from miu_hooks.data import Batch, IndexedDataset, forward_logits, split_batch
+from miu_hooks.errors import NonFiniteLossError
+from miu_hooks.functional import checked_cross_entropy
+from miu_hooks.runtime import Runtime
+
+__all__ = [
+    "RunContext",
+    "SeededLoader",
+    "ShuffleSampler",
+    "UnlearningMethod",
+    "checked_cross_entropy",
+]
+
+
+class ShuffleSampler(Sampler[int]):
+    """A random permutation per epoch, a pure function of ``(seed, epoch)``.
+
+    Example:
+        >>> s = ShuffleSampler(5, seed=1)
+        >>> sorted(s) == [0, 1, 2, 3, 4]
+        True
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = int(size)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator()
+        gen.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+        yield from torch.randperm(self.size, generator=gen).tolist()
+
+
+class SeededLoader(DataLoader):
+    """A ``DataLoader`` whose :meth:`set_epoch` reaches its sampler."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward ``epoch`` to the sampler (reshuffle / redraw)."""
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
+@dataclass
+class RunContext:
+    """Everything a method needs for one run; built by :func:`miu_hooks.unlearn`.
+
+    Attributes:
+        model: The model being unlearned (in place).
+        config: The run's config (``reweight`` already resolved).
+        runtime: Device, precision and step execution.
+        retain: Retain set D_r.
+        forget: Forget set D_f.
+        train: D = D_r ∪ D_f, retain first (positions of D_r are kept).
+        num_groups: |G|.
+        train_groups: Group id of every sample of ``train``.
+        optimizer: The model optimiser.
+        retain_loader: Retain batches (REWEIGHT-sampled when ``config.reweight``).
+        forget_loader: Shuffled forget batches.
+        tune_loader: Shuffled batches of ``train``.
+        feature_module: Head override for feature taps.
+        original_factory: Builds the frozen original model on first use.
+        progress: Wraps an iterable with a progress bar (identity when quiet).
+    """
+
+    model: nn.Module
+    config: MIUConfig
+    runtime: Runtime
+    retain: Dataset
+    forget: Dataset
+    train: Dataset
+    num_groups: int
+    train_groups: Tensor
+    optimizer: torch.optim.Optimizer
+    retain_loader: SeededLoader
+    forget_loader: SeededLoader
+    tune_loader: SeededLoader
+    feature_module: str | nn.Module | None = None
+    original_factory: Callable[[], nn.Module] | None = None
+    progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda it, _desc: it
+    epoch: int = 0
+    logs: dict[str, float] = field(default_factory=dict)
+    _original: nn.Module | None = None
+
+    @property
+    def original(self) -> nn.Module:
+        """The frozen original model (eval mode, no gradients)."""
+        if self._original is None:
+            if self.original_factory is None:
+                raise RuntimeError("this run has no original model")
+            self._original = self.original_factory()
+        self._original.eval().requires_grad_(False)
+        return self._original
+
+    def split(self, raw: Any) -> Batch:
+        """Split a raw batch with the config's keys and move it to the device."""
+        cfg = self.config
+        return split_batch(
+            raw,
+            input_key=cfg.input_key,
+            label_key=cfg.label_key,
+            group_key=cfg.group_key,
+            id_key=cfg.id_key,
+        ).to(self.runtime.device)
+
+    def logits(self, batch: Batch, model: nn.Module | None = None) -> Tensor:
+        """Forward ``model`` (default: the model being unlearned) under the run's autocast."""
+        with self.runtime.autocast():
+            return forward_logits(model or self.model, batch.inputs)
+
+    def step(self, loss: Tensor, phase: str, *, mask: dict[str, Tensor] | None = None) -> None:
+        """Check ``loss`` is finite, back-propagate, (mask,) clip and step the model.
+
+        Raises:
+            NonFiniteLossError: ``loss`` is NaN or Inf; weights are left as they were.
+        """
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss.detach().float())}) in the {phase} step at "
+                f"epoch {self.epoch}; lower lr or enable max_grad_norm"
+            )
+        rt, cfg = self.runtime, self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        rt.backward(loss)
+        if mask is not None:
+            for name, param in self.model.named_parameters():
+                if param.grad is not None and name in mask:
+                    param.grad.mul_(mask[name])
+        if cfg.max_grad_norm is not None:
+            rt.clip_grad_norm(self.optimizer, self.model.parameters(), cfg.max_grad_norm)
+        rt.step(self.optimizer)
+
+    def batches(self, loader: Iterable[Any], desc: str) -> Iterator[Batch]:
+        """Iterate ``loader`` (with a progress bar), yielding device batches."""
+        for raw in self.progress(loader, desc):
+            yield self.split(raw)
+
+
+class UnlearningMethod:
+    """Base class of a registered method; one instance per run.
+
+    Subclasses implement :meth:`run_epoch`; :meth:`setup`/:meth:`teardown`
+    bracket the run and :meth:`state_dict` carries what resuming needs beyond
+    the model and optimizer.
+    """
+
+    name = "base"
+    needs_original = False
+
+    def setup(self, ctx: RunContext) -> None:
+        """Prepare per-run state (hooks, masks, caches)."""
+
+    def run_epoch(self, ctx: RunContext, epoch: int) -> None:
+        """Run unlearning epoch ``epoch``."""
+        raise NotImplementedError
+
+    def teardown(self, ctx: RunContext) -> None:
+        """Release hooks and per-run state (called in ``finally``)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Extra state to checkpoint, as flat tensors."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
+    def retain_epoch(
+        self, ctx: RunContext, loss_fn: Callable[[Tensor, Batch], Tensor], desc: str = "retain"
+    ) -> None:
+        """One pass over the retain loader minimising ``loss_fn(logits, batch)``."""
+        ctx.model.train()
+        for batch in ctx.batches(ctx.retain_loader, f"epoch {ctx.epoch} {desc}"):
+            ctx.step(loss_fn(ctx.logits(batch), batch), desc)
+
+
+def indexed(dataset: Dataset) -> IndexedDataset:
+    """Return ``dataset`` with positions attached to its items."""
+    return dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)

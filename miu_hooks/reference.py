@@ -1,0 +1,181 @@
+"""Loading the frozen original model and saving weights, safetensors only."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from miu_hooks.errors import CheckpointError
+
+__all__ = ["freeze", "load_original", "load_weights", "save_weights", "strip_hooks"]
+
+
+def strip_hooks(model: nn.Module) -> nn.Module:
+    """Remove every forward/backward hook from ``model`` and its submodules, in place.
+
+    Used on deep copies: ``copy.deepcopy`` copies hooks, and a copied tap would
+    feed the original tap (STYLE.md §3).
+    """
+    for sub in model.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks",
+            "_forward_pre_hooks_with_kwargs",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            hooks = getattr(sub, attr, None)
+            if isinstance(hooks, dict):
+                hooks.clear()
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode without gradients and return it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def copy_frozen(model: nn.Module) -> nn.Module:
+    """Return a frozen, eval-mode deep copy of ``model`` with no hooks."""
+    return freeze(strip_hooks(copy.deepcopy(model)))
+
+
+def _diff(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> str:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    parts = []
+    if missing:
+        parts.append(
+            f"missing {len(missing)}: {', '.join(missing[:5])}" + (" ..." * (len(missing) > 5))
+        )
+    if unexpected:
+        parts.append(
+            f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}"
+            + (" ..." * (len(unexpected) > 5))
+        )
+    if shapes:
+        parts.append(
+            "shape mismatch: "
+            + ", ".join(f"{k} {tuple(found[k])} vs model {tuple(expected[k])}" for k in shapes[:5])
+        )
+    return "; ".join(parts)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a safetensors file into ``model`` with strict key and shape checks.
+
+    Tied or shared tensors are handled as ``safetensors.torch.load_model`` does.
+    No pickle is ever read.
+
+    Raises:
+        CheckpointError: The file is missing or unreadable, or its keys/shapes
+            differ from the model's (the message lists the differences).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    # Tied weights are stored once; accept a file that omits a key whose tensor
+    # is shared with a stored one (load_model resolves those).
+    diff = _diff(expected, found)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} does not match {type(model).__name__}: {diff or exc}"
+        ) from exc
+    if unexpected or _shape_mismatch(expected, found) or _untied_missing(model, missing):
+        raise CheckpointError(f"{path} does not match {type(model).__name__}: {diff}")
+    return model
+
+
+def _shape_mismatch(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> bool:
+    return any(expected[k] != found[k] for k in set(expected) & set(found))
+
+
+def _untied_missing(model: nn.Module, missing: list[str]) -> bool:
+    if not missing:
+        return False
+    state = model.state_dict(keep_vars=True)
+    by_ptr: dict[int, list[str]] = {}
+    for k, v in state.items():
+        by_ptr.setdefault(v.data_ptr(), []).append(k)
+    missing_set = set(missing)
+    return any(all(n in missing_set for n in by_ptr[state[k].data_ptr()]) for k in missing)
+
+
+def load_original(model: nn.Module, path: str | os.PathLike[str] | None = None) -> nn.Module:
+    """Return a frozen, eval-mode deep copy of ``model``, optionally with weights from ``path``.
+
+    The copy carries no hooks (a deep copy of a tapped model would otherwise
+    feed the tap) and has ``requires_grad=False`` everywhere. ``model`` itself
+    is not modified.
+
+    Args:
+        model: The architecture (and, when ``path`` is ``None``, the weights).
+        path: A safetensors file with the original model's weights.
+
+    Returns:
+        The frozen copy.
+
+    Raises:
+        CheckpointError: ``path`` is missing, corrupt, or does not match ``model``.
+
+    Example:
+        >>> orig = load_original(nn.Linear(2, 2))
+        >>> orig.training, any(p.requires_grad for p in orig.parameters())
+        (False, False)
+    """
+    original = strip_hooks(copy.deepcopy(model))
+    if path is not None:
+        load_weights(original, path)
+    return freeze(original)
+
+
+def save_weights(
+    model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``model``'s weights to ``path`` as safetensors, atomically.
+
+    The file is written next to its destination and renamed into place, so an
+    interruption never leaves a half-written checkpoint.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = save_weights(nn.Linear(2, 2), os.path.join(tempfile.mkdtemp(), "m.safetensors"))
+        >>> p.name
+        'm.safetensors'
+    """
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        state_model = model
+        save_model(state_model, tmp, metadata=OrderedDict(sorted((metadata or {}).items())))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

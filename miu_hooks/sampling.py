@@ -1,0 +1,136 @@
+"""REWEIGHT sampling: draw the retain set with the original group mixture."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from miu_hooks.functional import group_weights
+
+__all__ = ["GroupReweightSampler", "ResampledView"]
+
+
+class GroupReweightSampler(Sampler[int]):
+    r"""Sample retain indices with replacement, weight :math:`N_g(D)/N_g(D_r)` per group.
+
+    The expected group frequencies of the drawn stream equal the training set's
+    :math:`N_g(D)/|D|` (METHOD.md §2). Draws depend only on the generator's
+    seed and the epoch (:meth:`set_epoch`), so every process of a distributed
+    run draws the same stream and can take its own shard of it.
+
+    Args:
+        retain_groups: LongTensor[N_r], group of each retain sample.
+        train_groups: LongTensor[N], group of each training sample (retain ∪ forget).
+        num_samples: Draws per epoch (default ``N_r``).
+        generator: Source of randomness; a seeded one is created when ``None``.
+        num_groups: |G| (default ``max id + 1``).
+        seed: Seed of the generator created when ``generator`` is ``None``.
+
+    Example:
+        >>> s = GroupReweightSampler(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1, 1]))
+        >>> s.weights.tolist()
+        [2.0, 1.0, 1.0]
+        >>> len(list(s))
+        3
+    """
+
+    def __init__(
+        self,
+        retain_groups: Tensor,
+        train_groups: Tensor,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        num_groups: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        retain_groups = torch.as_tensor(retain_groups).long().reshape(-1)
+        if retain_groups.numel() == 0:
+            raise ValueError("GroupReweightSampler needs a non-empty retain set")
+        self.group_weights = group_weights(train_groups, retain_groups, num_groups)
+        self.weights = self.group_weights[retain_groups].double()
+        self.num_samples = int(num_samples) if num_samples is not None else len(retain_groups)
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+        self.generator = generator
+        self.seed = seed
+        self.epoch = 0
+        self._base_state = generator.get_state()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration depend on ``epoch`` (same stream on every process)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def draw(self) -> Tensor:
+        """Return this epoch's LongTensor[num_samples] of retain positions."""
+        gen = torch.Generator()
+        gen.manual_seed(self._epoch_seed())
+        return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen)
+
+    def _epoch_seed(self) -> int:
+        # Derive from the generator's state at construction (or as re-seeded by a
+        # launcher that synchronises it) plus the epoch, so the stream is a pure
+        # function of (seed, epoch).
+        state_seed = int(self.generator.initial_seed())
+        return (state_seed * 1_000_003 + self.epoch) % (2**63 - 1)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.draw().tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the epoch and seed, for checkpointing."""
+        return {"epoch": self.epoch, "seed": int(self.generator.initial_seed())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        self.epoch = int(state["epoch"])
+        self.generator.manual_seed(int(state["seed"]))
+
+
+class ResampledView(Dataset):
+    """A fixed-length view of ``dataset`` whose index map is redrawn by REWEIGHT.
+
+    ``view[i]`` is ``dataset[index_map[i]]``; :meth:`set_epoch` redraws the map
+    from the sampler. Any ordinary sampler (including a distributed one) can then
+    shuffle the view, which is how the Trainer callback reweights without
+    replacing the Trainer's sampler.
+
+    Example:
+        >>> base = [(torch.zeros(1), 0, g) for g in (0, 1, 1)]
+        >>> view = ResampledView(base, GroupReweightSampler(torch.tensor([0, 1, 1]),
+        ...                                                 torch.tensor([0, 0, 1, 1])))
+        >>> len(view)
+        3
+    """
+
+    def __init__(self, dataset: Any, sampler: GroupReweightSampler) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.index_map = sampler.draw()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw the index map for ``epoch``."""
+        self.sampler.set_epoch(epoch)
+        self.index_map = self.sampler.draw()
+
+    def __len__(self) -> int:
+        return int(self.index_map.numel())
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.index_map[i])]
+
+    def __getattr__(self, name: str) -> Any:
+        # Forward attributes such as ``column_names`` to the wrapped dataset.
+        if name in ("dataset", "sampler", "index_map"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

@@ -1,0 +1,294 @@
+"""``unlearn``: the plain-PyTorch entry point over the shared engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from miu_hooks.config import MIUConfig
+from miu_hooks.data import dataset_groups
+from miu_hooks.engine import OriginalSpec, resolve_original
+from miu_hooks.errors import CheckpointError, DataError, EmptyForgetSetError
+from miu_hooks.functional import group_counts, group_weights
+from miu_hooks.methods import RunContext, resolve_method
+from miu_hooks.methods.base import SeededLoader, ShuffleSampler, indexed
+from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
+from miu_hooks.sampling import GroupReweightSampler
+from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
+
+__all__ = ["STATE_FILE", "build_optimizer", "build_scheduler", "check_split", "unlearn"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "unlearn_state.safetensors"
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def check_split(
+    retain_groups: Tensor, forget_groups: Tensor, num_groups: int | None = None
+) -> tuple[Tensor, int]:
+    """Validate a retain/forget split and return ``(train_groups, num_groups)``.
+
+    Raises:
+        EmptyForgetSetError: The forget set is empty.
+        DataError: The retain set is empty.
+        GroupRangeError: A group id lies outside ``[0, num_groups)``.
+        EmptyGroupError: The forget set removes every sample of a group.
+
+    Example:
+        >>> g, n = check_split(torch.tensor([0, 1, 1]), torch.tensor([1]))
+        >>> g.tolist(), n
+        ([0, 1, 1, 1], 2)
+    """
+    if forget_groups.numel() == 0:
+        raise EmptyForgetSetError("the forget set is empty: there is nothing to unlearn")
+    if retain_groups.numel() == 0:
+        raise DataError("the retain set is empty: unlearning everything leaves no model to keep")
+    train_groups = torch.cat([retain_groups, forget_groups])
+    if num_groups is None:
+        num_groups = int(train_groups.max()) + 1
+    group_counts(train_groups, num_groups)  # range check
+    group_weights(train_groups, retain_groups, num_groups)  # emptied-group check
+    return train_groups, num_groups
+
+
+def build_optimizer(model: nn.Module, config: MIUConfig) -> torch.optim.Optimizer:
+    """The model optimiser of the config (SGD with momentum, or AdamW)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: MIUConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine over ``epochs`` (stepped once per epoch, no warm-up) or constant."""
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def _loaders(
+    retain: Dataset,
+    forget: Dataset,
+    train: Dataset,
+    retain_groups: Tensor,
+    train_groups: Tensor,
+    num_groups: int,
+    cfg: MIUConfig,
+) -> tuple[SeededLoader, SeededLoader, SeededLoader]:
+    if cfg.reweight:
+        retain_sampler: Any = GroupReweightSampler(
+            retain_groups, train_groups, num_groups=num_groups, seed=cfg.seed
+        )
+    else:
+        retain_sampler = ShuffleSampler(len(retain_groups), seed=cfg.seed)
+    common = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
+    return (
+        SeededLoader(indexed(retain), sampler=retain_sampler, **common),
+        SeededLoader(forget, sampler=ShuffleSampler(len(forget), cfg.seed + 1), **common),  # type: ignore[arg-type]
+        SeededLoader(indexed(train), sampler=ShuffleSampler(len(train), cfg.seed + 2), **common),  # type: ignore[arg-type]
+    )
+
+
+def _save_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method_state: dict[str, Tensor],
+    epoch: int,
+    meta: dict[str, str],
+) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
+    }
+    tensors.update({k: v.cpu() for k, v in flatten_optimizer_state(optimizer, "opt.").items()})
+    tensors.update(
+        {f"method.{k}": v.detach().cpu().clone().contiguous() for k, v in method_state.items()}
+    )
+    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={**meta, "epoch": str(epoch)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_state(
+    path: Path, meta: dict[str, str], device: torch.device
+) -> tuple[int, dict[str, Tensor]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved_meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read resume state {path}: {exc}") from exc
+    for key in ("method", "config"):
+        if saved_meta.get(key) != meta[key]:
+            raise CheckpointError(
+                f"resume state {path} was written with a different {key}; "
+                "use a new state directory or the same settings"
+            )
+    return int(saved_meta["epoch"]), tensors
+
+
+def unlearn(
+    model: nn.Module,
+    retain: Dataset,
+    forget: Dataset,
+    *,
+    config: MIUConfig | None = None,
+    original: OriginalSpec = None,
+    feature_module: str | nn.Module | None = None,
+    num_groups: int | None = None,
+    method: str = "miu",
+    state_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_epoch_end: EpochCallback | None = None,
+    progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
+    runtime: Runtime | None = None,
+) -> nn.Module:
+    """Unlearn ``forget`` from ``model`` in place and return the same model object.
+
+    Items of ``retain``/``forget`` are ``(inputs, label, group)`` tuples or
+    mappings (keys in ``config``). D = retain ∪ forget is used to tune MIU's
+    critics and to compute REWEIGHT weights ``N_g(D) / N_g(D_r)``. Every random
+    draw derives from ``config.seed`` and the epoch, so the same seed gives the
+    same weights (CPU), and a run resumed from ``state_dir`` matches an
+    uninterrupted one. The caller's global RNG state is restored afterwards.
+
+    Args:
+        model: The trained classifier to unlearn (or, for ``retrain*``, a fresh one).
+        retain: The retain set D_r.
+        forget: The forget set D_f.
+        config: Run configuration; ``MIUConfig()`` by default.
+        original: The original model for MIU's calibration: ``None`` (``model`` as
+            passed in), a safetensors path, or a module used as is.
+        feature_module: Head override for the feature tap (dotted name or module).
+        num_groups: |G|; default ``max group id + 1``.
+        method: A registered method (``miu``, ``finetune``, ``retrain``, ... and
+            their ``_reweight`` variants; see ``available_methods()``).
+        state_dir: Folder for a resumable per-epoch state file.
+        resume: Continue from ``state_dir``'s state when it exists.
+        on_epoch_end: Called as ``fn(epoch, logs)`` after each epoch.
+        progress: Wraps iterables with a progress bar, ``fn(iterable, desc)``.
+        runtime: Execution runtime (default: device and precision of the config).
+
+    Returns:
+        ``model``, unlearned.
+
+    Raises:
+        EmptyForgetSetError: ``forget`` is empty.
+        EmptyGroupError: The forget set removes every sample of a group.
+        GroupRangeError: Group ids or labels are out of range.
+        FeatureModuleNotFoundError: The classification head cannot be found.
+        NoClassifierOutputError: The model output carries no logits.
+        NonFiniteLossError: A loss or MI estimate became NaN/Inf (weights stay finite).
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> torch.manual_seed(0) and None
+        >>> x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+        >>> g = y * 2 + torch.randint(0, 2, (40,))
+        >>> retain, forget = TensorDataset(x[8:], y[8:], g[8:]), TensorDataset(x[:8], y[:8], g[:8])
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> cfg = MIUConfig(epochs=2, forget_epochs=1, batch_size=8, mine_hidden=16,
+        ...                 mine_warmup_iters=5, mine_iters=2, device="cpu")
+        >>> unlearn(net, retain, forget, config=cfg, num_groups=4) is net
+        True
+    """
+    cfg = config or MIUConfig()
+    method_cls, force_reweight = resolve_method(method)
+    if force_reweight:
+        cfg = cfg.replace(reweight=True)
+    retain_groups = dataset_groups(retain, cfg.group_key)
+    forget_groups = dataset_groups(forget, cfg.group_key)
+    train_groups, num_groups = check_split(retain_groups, forget_groups, num_groups)
+    rt = runtime or LocalRuntime(resolve_device(cfg.device), cfg.precision)
+    model.to(rt.device)
+    was_training = model.training
+
+    frozen: nn.Module | None = None
+    if method_cls.needs_original:
+        frozen = resolve_original(model, original).to(rt.device)
+
+    train = ConcatDataset([retain, forget])
+    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    if state_path is not None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"method": method, "config": cfg.to_json()}
+    fork_devices = [rt.device.index or 0] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        retain_loader, forget_loader, tune_loader = _loaders(
+            retain, forget, train, retain_groups, train_groups, num_groups, cfg
+        )
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+        ctx = RunContext(
+            model=model,
+            config=cfg,
+            runtime=rt,
+            retain=retain,
+            forget=forget,
+            train=train,
+            num_groups=num_groups,
+            train_groups=train_groups,
+            optimizer=optimizer,
+            retain_loader=retain_loader,
+            forget_loader=forget_loader,
+            tune_loader=tune_loader,
+            feature_module=feature_module,
+            original_factory=(lambda: frozen)
+            if frozen is not None
+            else (lambda: resolve_original(model, original).to(rt.device)),
+            progress=progress or (lambda it, _desc: it),
+        )
+        runner = method_cls()
+        runner.setup(ctx)
+        try:
+            start = 0
+            if resume and state_path is not None and state_path.exists():
+                done, tensors = _load_state(state_path, meta, rt.device)
+                model.load_state_dict(unprefixed(tensors, "model."))
+                load_flat_optimizer_state(optimizer, tensors, prefix="opt.")
+                runner.load_state_dict(unprefixed(tensors, "method."))
+                for _ in range(done + 1):
+                    scheduler.step()
+                start = done + 1
+                logger.info("resuming %s after epoch %d from %s", method, done, state_path)
+            for epoch in range(start, cfg.epochs):
+                ctx.epoch = epoch
+                for loader in (retain_loader, forget_loader):
+                    loader.set_epoch(epoch)
+                torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc., per epoch
+                runner.run_epoch(ctx, epoch)
+                scheduler.step()
+                if state_path is not None:
+                    _save_state(state_path, model, optimizer, runner.state_dict(), epoch, meta)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, dict(ctx.logs))
+                logger.debug("epoch %d done: %s", epoch, json.dumps(ctx.logs))
+        finally:
+            runner.teardown(ctx)
+            model.train(was_training)
+    return model
