@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -272,8 +273,10 @@ def unlearn(
                 model.load_state_dict(unprefixed(tensors, "model."))
                 load_flat_optimizer_state(optimizer, tensors, prefix="opt.")
                 runner.load_state_dict(unprefixed(tensors, "method."))
-                for _ in range(done + 1):
-                    scheduler.step()
+                with warnings.catch_warnings():  # replaying the schedule, no optimizer step
+                    warnings.simplefilter("ignore", UserWarning)
+                    for _ in range(done + 1):
+                        scheduler.step()
                 start = done + 1
                 logger.info("resuming %s after epoch %d from %s", method, done, state_path)
             for epoch in range(start, cfg.epochs):

@@ -1,0 +1,1 @@
+"""Framework adapters for ``miu_hooks``: Hugging Face Trainer and Accelerate."""

@@ -1,0 +1,305 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from miu_hooks import (
+    EmptyForgetSetError,
+    EmptyGroupError,
+    FeatureModuleNotFoundError,
+    GroupRangeError,
+    MIUConfig,
+    NoClassifierOutputError,
+    NonFiniteLossError,
+    attach,
+    unlearn,
+)
+from miu_hooks.data import split_batch
+
+pytestmark = pytest.mark.unit
+
+CFG = MIUConfig(
+    epochs=3,
+    forget_epochs=2,
+    batch_size=16,
+    mine_hidden=16,
+    mine_warmup_iters=6,
+    mine_iters=2,
+    lr=0.05,
+    device="cpu",
+)
+
+
+def _data(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=gen)
+    s = torch.randint(0, 2, (n,), generator=gen)
+    x = torch.randn(n, 5, generator=gen) + y[:, None] + 0.5 * s[:, None]
+    g = s + 2 * y
+    forget_mask = (g == 3) & (torch.rand(n, generator=gen) < 0.5)
+    full = TensorDataset(x, y, g)
+    retain = TensorDataset(x[~forget_mask], y[~forget_mask], g[~forget_mask])
+    forget = TensorDataset(x[forget_mask], y[forget_mask], g[forget_mask])
+    return full, retain, forget
+
+
+def _net(bn=False):
+    torch.manual_seed(0)
+    layers = (
+        [nn.Linear(5, 12)] + ([nn.BatchNorm1d(12)] if bn else []) + [nn.ReLU(), nn.Linear(12, 2)]
+    )
+    return nn.Sequential(*layers)
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["miu", "finetune", "retrain_reweight"])
+def test_same_seed_same_weights(method):
+    _, retain, forget = _data()
+    a = unlearn(_net(), retain, forget, config=CFG, num_groups=4, method=method)
+    b = unlearn(_net(), retain, forget, config=CFG, num_groups=4, method=method)
+    c = unlearn(_net(), retain, forget, config=CFG.replace(seed=1), num_groups=4, method=method)
+    for (k, va), vb, _vc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
+    ):
+        assert torch.equal(va, vb), k
+    assert any(
+        not torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values())
+    )
+
+
+def test_unlearn_leaves_model_clean_and_keys_unchanged():
+    _, retain, forget = _data()
+    model = _net(bn=True)
+    keys = list(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    out = unlearn(model, retain, forget, config=CFG, num_groups=4)
+    assert out is model and type(out) is nn.Sequential
+    assert list(model.state_dict()) == keys
+    assert _hooks(model) == 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(
+        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+    )
+    assert torch.equal(torch.get_rng_state(), rng)  # caller's RNG untouched
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    _, retain, forget = _data()
+    full = unlearn(_net(), retain, forget, config=CFG, num_groups=4)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch, logs):
+        if epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        unlearn(
+            _net(),
+            retain,
+            forget,
+            config=CFG,
+            num_groups=4,
+            state_dir=tmp_path,
+            on_epoch_end=stop_after_first,
+        )
+    resumed = unlearn(
+        _net(), retain, forget, config=CFG, num_groups=4, state_dir=tmp_path, resume=True
+    )
+    for (k, va), vb in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_feature_cache_matches_recomputation():
+    _, retain, forget = _data()
+    a = unlearn(_net(), retain, forget, config=CFG.replace(feature_cache="on"), num_groups=4)
+    b = unlearn(_net(), retain, forget, config=CFG.replace(feature_cache="off"), num_groups=4)
+    for va, vb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-5)
+
+
+def test_forget_pass_lowers_forget_mi_and_critics_fixed_outside_tuning():
+    full, retain, forget = _data()
+    model = _net()
+    with attach(model, CFG.replace(mine_lr=0.1), num_groups=4) as handle:
+        loader = torch.utils.data.DataLoader(full, batch_size=32, shuffle=True)
+        handle.tune(iter(list(loader) * 20), 60)
+        crit = {k: v.clone() for k, v in handle.critic_model.state_dict().items()}
+        assert not any(p.requires_grad for p in handle.critic_model.parameters())
+        batch = split_batch(next(iter(torch.utils.data.DataLoader(forget, batch_size=64))))
+        marginals = torch.randint(
+            0, 4, (50, len(batch)), generator=torch.Generator().manual_seed(0)
+        )
+
+        def forget_mi():
+            with torch.no_grad():
+                model(batch.inputs)
+                z = handle.tap.pop()
+                return float(
+                    torch.stack(
+                        [
+                            handle.critic_model(z, batch.groups, m, update_ema=False)
+                            for m in marginals
+                        ]
+                    ).mean()
+                )
+
+        before = forget_mi()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(10):
+            model(batch.inputs)
+            loss = handle.forget_loss(handle.tap.pop(), batch.groups)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert forget_mi() < before - 0.05
+        for k, v in handle.critic_model.state_dict().items():
+            if k not in ("log_running_mean", "initialized"):
+                assert torch.equal(v, crit[k]), k
+
+
+def test_tuning_restores_batchnorm_and_uses_original_features():
+    full, _, _ = _data()
+    model = _net(bn=True)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    cfg = CFG.replace(mine_warmup_iters=3)
+    handle = attach(model, cfg, num_groups=4, original=_net(bn=True))
+    try:
+        bn = {k: v.clone() for k, v in model[1].named_buffers()}
+        seen = []
+        orig_tap_pop = handle.tap_original.pop
+
+        def spy():
+            z = orig_tap_pop()
+            seen.append(z)
+            return z
+
+        handle.tap_original.pop = spy
+        loader = torch.utils.data.DataLoader(full, batch_size=32)
+        handle.tune(iter(list(loader)), 3)
+        for k, v in model[1].named_buffers():
+            assert torch.equal(v, bn[k]), k
+        assert len(seen) == 3 and not handle.original.training
+        assert handle.counters["tune"] == 3
+    finally:
+        handle.remove()
+    assert _hooks(model) == 0 and _hooks(handle.original) == 0
+
+
+def test_clipping_bounds_the_update():
+    _, retain, forget = _data()
+    cfg = CFG.replace(
+        epochs=1,
+        forget_epochs=0,
+        mine_warmup_iters=1,
+        lr=1.0,
+        momentum=0.0,
+        weight_decay=0.0,
+        max_grad_norm=1e-3,
+        batch_size=len(retain),
+        reweight=False,
+        scheduler="constant",
+    )
+    model = _net()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    unlearn(model, retain, forget, config=cfg, num_groups=4)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert float((after - before).norm()) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_state_dict_roundtrip_continues_identically():
+    full, _, _ = _data()
+    loader = list(torch.utils.data.DataLoader(full, batch_size=32))
+    a = attach(_net(), CFG, num_groups=4)
+    a.tune(iter(loader), 3)
+    state = a.state_dict()
+    b = attach(_net(), CFG, num_groups=4)
+    b.load_state_dict(state)
+    a.tune(iter(loader), 2)
+    b.tune(iter(loader), 2)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    a.remove()
+    b.remove()
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_empty_forget_set():
+    _, retain, forget = _data()
+    empty = TensorDataset(
+        torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    )
+    with pytest.raises(EmptyForgetSetError, match="forget set is empty"):
+        unlearn(_net(), retain, empty, config=CFG)
+
+
+def test_group_emptied_by_forget_set():
+    full, _, _ = _data()
+    x, y, g = full.tensors
+    m = g == 1
+    with pytest.raises(EmptyGroupError, match="group 1"):
+        unlearn(
+            _net(), TensorDataset(x[~m], y[~m], g[~m]), TensorDataset(x[m], y[m], g[m]), config=CFG
+        )
+
+
+def test_group_and_label_out_of_range():
+    _, retain, forget = _data()
+    x, y, g = forget.tensors
+    with pytest.raises(GroupRangeError, match=r"group id 3 is outside \[0, 3\)"):
+        unlearn(_net(), retain, forget, config=CFG, num_groups=3)
+    xr, yr, gr = retain.tensors
+    bad = TensorDataset(xr, torch.where(yr == 1, 5, yr), gr)
+    with pytest.raises(GroupRangeError, match=r"label 5 is outside \[0, 2\)"):
+        unlearn(_net(), bad, forget, config=CFG, num_groups=4, method="finetune")
+
+
+def test_feature_module_not_found():
+    _, retain, forget = _data()
+    with pytest.raises(FeatureModuleNotFoundError, match="'missing' not found"):
+        unlearn(_net(), retain, forget, config=CFG, num_groups=4, feature_module="missing")
+
+
+def test_model_without_classifier_output():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return {"scores": self.fc(x)}
+
+    _, retain, forget = _data()
+    with pytest.raises(NoClassifierOutputError, match="has no logits"):
+        unlearn(DictOut(), retain, forget, config=CFG, num_groups=4)
+
+
+def test_non_finite_loss_stops_with_step_and_finite_weights():
+    _, retain, forget = _data()
+    model = _net()
+    with torch.no_grad():
+        model[2].weight.fill_(math.inf)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* step at epoch 0"):
+        unlearn(model, retain, forget, config=CFG, num_groups=4, method="finetune")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]) or torch.isfinite(v).all(), k
+
+
+def test_nan_in_mi_estimate_is_named():
+    _, retain, forget = _data()
+    model = _net()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteLossError, match="critic tuning"):
+        unlearn(model, retain, forget, config=CFG, num_groups=4)
