@@ -174,12 +174,14 @@ def logits_of(out: Any) -> Tensor:
         logits = out
     elif getattr(out, "logits", None) is not None:
         logits = out.logits
+    elif isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        logits = out["logits"]  # a plain dict, as Trainer-compatible models may return
     elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         logits = out[0]
     else:
         raise NoClassifierOutputError(
             f"model output of type {type(out).__name__} has no logits: return a tensor "
-            "[B, num_classes], an object with .logits, or a tuple starting with the logits"
+            "[B, num_classes], an object or dict with logits, or a tuple starting with the logits"
         )
     if logits.dim() != 2:
         raise NoClassifierOutputError(

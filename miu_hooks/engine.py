@@ -25,7 +25,7 @@ from miu_hooks.data import Batch, forward_logits, split_batch
 from miu_hooks.errors import NonFiniteLossError
 from miu_hooks.estimators import MIEstimator
 from miu_hooks.functional import calibration_loss, checked_cross_entropy
-from miu_hooks.reference import freeze, load_original
+from miu_hooks.reference import load_original
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
 from miu_hooks.taps import FeatureTap, infer_feature_dim, unwrap_model
@@ -44,7 +44,9 @@ def resolve_original(model: nn.Module, original: OriginalSpec) -> nn.Module:
     if isinstance(original, (str, os.PathLike)):
         return load_original(unwrap_model(model), original)
     if isinstance(original, nn.Module):
-        return freeze(original)
+        # Used as is: put in eval mode, weights and requires_grad untouched (every
+        # forward of the original runs under no_grad).
+        return original.eval()
     raise TypeError(
         f"original must be None, a safetensors path or an nn.Module; got {type(original).__name__}"
     )
@@ -160,12 +162,9 @@ class MIUHandle:
 
     # -- features ------------------------------------------------------------------
     def _original_ready(self) -> nn.Module:
-        # Re-assert the frozen state before every use (METHOD.md §8.3).
-        if self.config.original_mode == "eval":
-            self.original.eval()
-        else:
-            self.original.train()
-        self.original.requires_grad_(False)
+        # Re-assert the mode before every use (METHOD.md §8.3); gradients are off
+        # because every forward of the original runs under no_grad.
+        self.original.train(self.config.original_mode == "train")
         return self.original
 
     @torch.no_grad()

@@ -174,6 +174,9 @@ def save_weights(
     try:
         state_model = model
         save_model(state_model, tmp, metadata=OrderedDict(sorted((metadata or {}).items())))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

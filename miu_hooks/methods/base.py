@@ -107,12 +107,12 @@ class RunContext:
 
     @property
     def original(self) -> nn.Module:
-        """The frozen original model (eval mode, no gradients)."""
+        """The original model, in eval mode (use it under ``no_grad``)."""
         if self._original is None:
             if self.original_factory is None:
                 raise RuntimeError("this run has no original model")
             self._original = self.original_factory()
-        self._original.eval().requires_grad_(False)
+        self._original.eval()
         return self._original
 
     def split(self, raw: Any) -> Batch:
