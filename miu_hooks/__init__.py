@@ -1,9 +1,13 @@
 """Group-robust machine unlearning (REWEIGHT + MIU) for PyTorch models.
 
-``import miu_hooks`` imports torch only; scikit-learn, safetensors, click,
-transformers and accelerate are imported when a feature needs them.
+``import miu_hooks`` imports nothing heavy: the public names below are loaded
+from their submodules on first access (PEP 562), so torch is imported when the
+first of them is used, and scikit-learn, safetensors, click, transformers and
+accelerate only when a feature needs them. This keeps ``miu-unlearn --help``
+fast.
 
 Example:
+    >>> import torch
     >>> import miu_hooks
     >>> miu_hooks.group_index(torch.tensor([1]), torch.tensor([0]), 2).tolist()
     [2]
@@ -11,40 +15,43 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from miu_hooks.config import MIUConfig
-from miu_hooks.data import Batch, IndexedDataset, dataset_groups, forward_logits, split_batch
-from miu_hooks.engine import MIUHandle, attach
-from miu_hooks.errors import (
-    CheckpointError,
-    DataError,
-    EmptyForgetSetError,
-    EmptyGroupError,
-    FeatureModuleNotFoundError,
-    GroupRangeError,
-    MIUError,
-    NoClassifierOutputError,
-    NonFiniteLossError,
-)
-from miu_hooks.estimators import MIEstimator
-from miu_hooks.functional import (
-    calibration_loss,
-    dv_bound,
-    ema_log_mean_exp,
-    group_counts,
-    group_index,
-    group_weights,
-    log_mean_exp,
-)
-from miu_hooks.methods import available_methods, register_method
-from miu_hooks.reference import load_original, load_weights, save_weights
-from miu_hooks.runtime import LocalRuntime, Runtime
-from miu_hooks.sampling import GroupReweightSampler, ResampledView
-from miu_hooks.taps import FeatureTap, resolve_head
-from miu_hooks.unlearn import unlearn
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
+    from miu_hooks.config import MIUConfig
+    from miu_hooks.data import Batch, IndexedDataset, dataset_groups, forward_logits, split_batch
+    from miu_hooks.engine import MIUHandle, attach
+    from miu_hooks.errors import (
+        CheckpointError,
+        DataError,
+        EmptyForgetSetError,
+        EmptyGroupError,
+        FeatureModuleNotFoundError,
+        GroupRangeError,
+        MIUError,
+        NoClassifierOutputError,
+        NonFiniteLossError,
+    )
+    from miu_hooks.estimators import MIEstimator
+    from miu_hooks.functional import (
+        calibration_loss,
+        dv_bound,
+        ema_log_mean_exp,
+        group_counts,
+        group_index,
+        group_weights,
+        log_mean_exp,
+    )
+    from miu_hooks.methods import available_methods, register_method
+    from miu_hooks.metrics import Report, evaluate
+    from miu_hooks.reference import load_original, load_weights, save_weights
+    from miu_hooks.runtime import LocalRuntime, Runtime
+    from miu_hooks.sampling import GroupReweightSampler, ResampledView
+    from miu_hooks.taps import FeatureTap, resolve_head
+    from miu_hooks.unlearn import unlearn
 
 __version__ = "0.1.0"
 
@@ -92,13 +99,58 @@ __all__ = [
 ]
 
 
+# Public name -> submodule that defines it (loaded on first access).
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "config": ("MIUConfig",),
+    "data": ("Batch", "IndexedDataset", "dataset_groups", "forward_logits", "split_batch"),
+    "engine": ("MIUHandle", "attach"),
+    "errors": (
+        "CheckpointError", "DataError", "EmptyForgetSetError", "EmptyGroupError",
+        "FeatureModuleNotFoundError", "GroupRangeError", "MIUError", "NoClassifierOutputError",
+        "NonFiniteLossError",
+    ),
+    "estimators": ("MIEstimator",),
+    "functional": (
+        "calibration_loss", "dv_bound", "ema_log_mean_exp", "group_counts", "group_index",
+        "group_weights", "log_mean_exp",
+    ),
+    "methods": ("available_methods", "register_method"),
+    "metrics": ("Report", "evaluate"),
+    "reference": ("load_original", "load_weights", "save_weights"),
+    "runtime": ("LocalRuntime", "Runtime"),
+    "sampling": ("GroupReweightSampler", "ResampledView"),
+    "taps": ("FeatureTap", "resolve_head"),
+    "unlearn": ("unlearn",),
+}  # fmt: skip
+_EXPORTS = {name: module for module, names in _SOURCES.items() for name in names}
+
+
 def __getattr__(name: str) -> Any:
-    # The metrics module is only needed for evaluation; load it on first use.
-    if name in ("evaluate", "Report"):
-        from miu_hooks import metrics  # noqa: PLC0415
+    # PEP 562: load a public name from its submodule on first use.
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'miu_hooks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
-        return getattr(metrics, name)
-    raise AttributeError(f"module 'miu_hooks' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
-_ = torch  # torch is the only import-time dependency
+class _Package(types.ModuleType):
+    """The package module; keeps a re-exported name over a same-named submodule.
+
+    Importing a submodule binds it as an attribute of its package. For
+    ``miu_hooks.unlearn`` (both a submodule and the function it defines) the
+    function must win, as it did when this package imported everything eagerly.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

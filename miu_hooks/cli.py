@@ -1,0 +1,367 @@
+"""``miu-unlearn``: group-robust unlearning of a safetensors checkpoint from the shell.
+
+A thin click layer: each command parses its options, calls one library
+function (:func:`miu_hooks.cli_inputs.prepare` then
+:func:`miu_hooks.cli_run.execute`, or :func:`miu_hooks.demo.run_demo`) and
+formats the result. Only click and the standard library are imported at
+start-up, so ``--help`` and ``--version`` answer without importing torch; the
+inputs are checked before torch is imported, so bad input fails fast.
+
+Errors print one line on stderr and exit with the code of their type
+(:mod:`miu_hooks.cli_errors`); ``MIU_HOOKS_DEBUG=1`` shows tracebacks of
+unexpected errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from miu_hooks import __version__
+from miu_hooks.cli_errors import Interrupted, exit_code, exit_code_table
+from miu_hooks.errors import MIUError
+
+__all__ = ["cli", "main"]
+
+EPILOG = f"""\b
+Examples:
+  miu-unlearn demo
+  miu-unlearn -m vit/ -d train.safetensors -f forget.csv --test test.safetensors -o out/
+  miu-unlearn -m model.safetensors --arch mypkg.models:build -d data.csv -f ids.csv
+
+\b
+Inputs: --model is a save_pretrained folder (config.json + model.safetensors), its
+model.safetensors, or a bare safetensors file with --arch. --data/--test/--val are
+a .safetensors file (inputs, labels, groups[, ids]), a .csv manifest
+(path,label,group[,id]; images resized to --image-size, RGB, mean=std=0.5) or a
+datasets save_to_disk folder (needs 'datasets'). Forget ids (header required,
+--id-column) match the data's ids, else row numbers; duplicate ids are an error.
+Output --out: model.safetensors, config.json, report.json, report.md, groups.png.
+An interrupted run keeps .<out>.partial/ beside it; --resume continues it.
+
+\b
+Exit codes:
+{exit_code_table()}
+"""
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Interrupted` so cleanup runs as for Ctrl-C."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread (e.g. some test runners)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Group(click.Group):
+    """A click group that maps library errors to one stderr line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt as exc:
+            resume = ctx.meta.get("miu_resume_hint", "")
+            click.echo(f"miu-unlearn: interrupted ({exc or 'Ctrl-C'}){resume}", err=True)
+            raise click.exceptions.Exit(exit_code(exc)) from None
+        except MIUError as exc:
+            click.echo(f"miu-unlearn: error: {_one_line(exc)}", err=True)
+            raise click.exceptions.Exit(exit_code(exc)) from None
+        except ImportError as exc:
+            click.echo(f"miu-unlearn: missing dependency: {_one_line(exc)}", err=True)
+            raise click.exceptions.Exit(15) from None
+        except Exception as exc:
+            if os.environ.get("MIU_HOOKS_DEBUG"):
+                raise
+            click.echo(
+                f"miu-unlearn: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                "(set MIU_HOOKS_DEBUG=1 for the traceback)",
+                err=True,
+            )
+            raise click.exceptions.Exit(1) from None
+
+
+# Options that set the MIUConfig field of the same name (when given).
+_CONFIG_FIELDS = (
+    "epochs", "forget_epochs", "lr", "mi_weight", "batch_size", "precision", "device", "seed",
+    "mine_lr", "weight_decay", "optimizer", "scheduler", "max_grad_norm", "reweight",
+    "num_sensitive",
+)  # fmt: skip
+
+
+def _config(path: str | None, opts: dict[str, Any]) -> Any:
+    from miu_hooks.config import MIUConfig
+
+    base: dict[str, Any] = {}
+    if path is not None:
+        try:
+            base = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from exc
+        if not isinstance(base, dict):
+            raise click.BadParameter("must hold a JSON object", param_hint="--config")
+    base.update({f: opts[f] for f in _CONFIG_FIELDS if opts.get(f) is not None})
+    try:
+        return MIUConfig.from_dict(base)
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(_one_line(exc)) from None
+
+
+def _references(values: Sequence[str]) -> dict[str, str]:
+    refs: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            path = value
+            name = Path(value).stem if Path(value).suffix else Path(value).name
+        if not name or not path or name in refs or name in ("original", "unlearned"):
+            raise click.BadParameter(
+                f"{value!r}: use NAME=PATH with a new name", param_hint="--reference"
+            )
+        refs[name] = path
+    return refs
+
+
+def _ints(value: str | None, hint: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()] if value else []
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: use comma-separated integers", param_hint=hint
+        ) from None
+
+
+def _check_method_and_device(method: str, device: str) -> None:
+    from miu_hooks.methods import available_methods
+    from miu_hooks.runtime import resolve_device
+
+    if method not in available_methods():
+        raise click.BadParameter(
+            f"{method!r} is not one of {', '.join(available_methods())}", param_hint="--method"
+        )
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(_one_line(exc), param_hint="--device") from None
+
+
+def _print_counts(prep: Any, log: Any) -> None:
+    width = max(len(n) for n in prep.group_names)
+    log(f"{'group':<{width}}  in data  forget  retain")
+    for g, (n, f, r) in prep.plan.counts.items():
+        log(f"{prep.group_names[g]:<{width}}  {n:>7}  {f:>6}  {r:>6}")
+
+
+def _print_result(report: dict[str, Any], as_json: bool, quiet: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    if quiet:
+        return
+    from miu_hooks.cli_report import per_group_markdown
+
+    click.echo(f"Per-group accuracy ({report['evaluated_on']} set):")
+    click.echo(per_group_markdown(report["models"], report["groups"]["names"]))
+    for ref, gaps in report.get("gaps", {}).get("unlearned", {}).items():
+        click.echo(f"Avg. Gap {ref}: {gaps['avg_gap']:.2f}   ToW: {gaps['tow']:.2f}")
+    click.echo(f"Report: {Path(report['output']) / 'report.md'}")
+
+
+def _opt(*names: str, **kw: Any) -> Any:
+    return click.option(*names, show_default=kw.pop("show_default", True), **kw)
+
+
+_PATH = click.Path(dir_okay=True, path_type=str)
+
+
+@click.group(
+    cls=_Group,
+    invoke_without_command=True,
+    no_args_is_help=True,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "-V", "--version", prog_name="miu-unlearn")
+@_opt("-m", "--model", type=_PATH, show_default=False, help="Checkpoint file or folder.")
+@_opt("-d", "--data", type=_PATH, show_default=False, help="Training data D (see below).")
+@_opt("-f", "--forget", type=_PATH, show_default=False, help="CSV of ids to forget.")
+@_opt("-o", "--out", type=_PATH, show_default=False, help="Output folder [./<model>-<method>].")
+@_opt("--arch", help="package.module:factory (or file.py:factory) building the model.")
+@_opt("--test", type=_PATH, help="Test set: TA, EO, GA, per-group accuracy, MIA.")
+@_opt("--val", type=_PATH, help="Held-out set for MIA (default: the test set).")
+@_opt("--reference", multiple=True, help="[NAME=]PATH of a retrained model (Gap, ToW).")
+@_opt("--method", default="miu", help="Method; `miu-unlearn methods` lists them.")
+@_opt("--config", "config_file", type=_PATH, help="JSON of MIUConfig fields (options win).")
+@_opt("--epochs", type=int, help="Unlearning epochs E.")
+@_opt("--forget-epochs", type=int, help="Epochs with a forget pass, E_f.")
+@_opt("--lr", type=float, help="Learning rate.")
+@_opt("--lambda", "--mi-weight", "mi_weight", type=float, help="λ, MI calibration weight.")
+@_opt("--batch-size", type=int, help="Batch size.")
+@_opt("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision.")
+@_opt("--device", help="auto, cpu, cuda or cuda:N.")
+@_opt("--seed", type=int, help="Seed of every random draw.")
+@_opt("--mine-lr", type=float, help="Critic learning rate.")
+@_opt("--weight-decay", type=float, help="Weight decay.")
+@_opt("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Model optimiser.")
+@_opt("--scheduler", type=click.Choice(["cosine", "constant"]), help="LR schedule.")
+@_opt("--max-grad-norm", type=float, help="Clip the gradient norm (default: off).")
+@_opt("--reweight/--no-reweight", default=None, help="REWEIGHT retain sampling.")
+@_opt("--feature-module", help="Dotted name of the classification head.")
+@_opt("--id-column", default="id", help="Id column of the forget CSV.")
+@_opt("--input-key", help="Inputs tensor/column [inputs | path | image].")
+@_opt("--label-key", help="Label tensor/column [labels | label].")
+@_opt("--group-key", help="Group tensor/column [groups | group].")
+@_opt("--id-key", help="Id tensor/column [ids | id].")
+@_opt("--split", help="Split of a datasets DatasetDict folder [train].")
+@_opt("--image-size", type=int, help="Image side [config.json image_size, else 224].")
+@_opt("--group-names", help="Comma-separated group names, by group id.")
+@_opt("--num-groups", type=int, help="|G| [max group id + 1].")
+@_opt("--forget-groups", help="Group ids for EO/GA, comma-separated [most-forgotten group].")
+@_opt("--num-sensitive", type=int, help="S; groups are s + y*S [2].")
+@_opt("--threads", type=int, help="torch CPU threads.")
+@_opt("--resume", is_flag=True, help="Continue the interrupted run of --out.")
+@_opt("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_opt("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
+@_opt("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@click.pass_context
+def cli(ctx: click.Context, **opts: Any) -> None:
+    """Unlearn the samples listed in --forget from --model, group-robustly (REWEIGHT + MIU)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    for name in ("model", "data", "forget"):
+        if not opts[name]:
+            raise click.UsageError(f"Missing option '--{name}'.")
+    if opts["reference"] and not opts["test"]:
+        raise click.UsageError("--reference needs --test (Gap and ToW use test metrics)")
+    config = _config(opts["config_file"], opts)
+    method = opts["method"]
+    model_name = Path(opts["model"]).resolve()
+    model_name = model_name.parent if model_name.name == "model.safetensors" else model_name
+    out = opts["out"] or f"{model_name.stem}-{method}"
+    from miu_hooks.cli_data import Columns
+    from miu_hooks.cli_inputs import prepare, work_dir
+    from miu_hooks.cli_report import Console
+
+    console = Console(quiet=opts["quiet"])
+    prep = prepare(
+        model=opts["model"],
+        data=opts["data"],
+        forget=opts["forget"],
+        out=out,
+        arch=opts["arch"],
+        id_column=opts["id_column"],
+        test=opts["test"],
+        val=opts["val"],
+        references=_references(opts["reference"]),
+        columns=Columns(opts["input_key"], opts["label_key"], opts["group_key"], opts["id_key"]),
+        split=opts["split"],
+        num_groups=opts["num_groups"],
+        num_sensitive=config.num_sensitive,
+        group_names=[n.strip() for n in opts["group_names"].split(",")]
+        if opts["group_names"]
+        else (),
+        forget_groups=_ints(opts["forget_groups"], "--forget-groups"),
+        overwrite=opts["overwrite"],
+    )
+    console.log(f"forgetting {len(prep.plan.forget)} of {len(prep.data)} samples:")
+    _print_counts(prep, console.log)
+    console.log("EO and GA refer to group(s) " + ", ".join(map(str, prep.forget_groups)))
+    _check_method_and_device(method, config.device)
+    ctx.meta["miu_resume_hint"] = (
+        f"; finished work is kept in {work_dir(prep.out)}: rerun with --resume to continue"
+    )
+    from miu_hooks.cli_run import execute
+
+    result = execute(
+        prep,
+        config=config,
+        method=method,
+        feature_module=opts["feature_module"],
+        image_size=opts["image_size"],
+        threads=opts["threads"],
+        resume=opts["resume"],
+        console=console,
+    )
+    for note in result.notes:
+        console.log(f"note: {note}")
+    _print_result(result.report, opts["as_json"], opts["quiet"])
+
+
+@cli.command()
+@_opt("--quick", is_flag=True, envvar="MIU_HOOKS_DEMO_QUICK", help="Tiny settings (tests, CI).")
+@_opt("-o", "--out", type=_PATH, help="Report folder [<cache>/demo-<hash>/report].")
+@_opt("--threads", type=int, default=1, help="torch CPU threads.")
+@_opt("--retrain-cache/--no-retrain-cache", default=False, help="Reuse cached retrained models.")
+@_opt("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
+@_opt("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+def demo(
+    quick: bool, out: str | None, threads: int, retrain_cache: bool, quiet: bool, as_json: bool
+) -> None:
+    """Run the embedded Colored-Digits demo (cache: $MIU_HOOKS_CACHE or ~/.cache/miu_hooks)."""
+    from miu_hooks.cli_report import Console
+    from miu_hooks.demo import run_demo
+
+    result = run_demo(
+        quick=quick,
+        out=out,
+        threads=threads,
+        reuse_retrain=retrain_cache,
+        console=Console(quiet=quiet),
+    )
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
+    elif not quiet:
+        click.echo(result.summary)
+
+
+@cli.command()
+def methods() -> None:
+    """List the registered unlearning methods (imports torch)."""
+    from miu_hooks.methods import available_methods
+
+    click.echo("\n".join(available_methods()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code.
+
+    Example:
+        >>> main(["--version"])  # doctest: +ELLIPSIS
+        miu-unlearn, version ...
+        0
+    """
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="miu-unlearn")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Presenting a ``miu-unlearn`` run: console output, ``report.md``, ``groups.png``, atomic folders.
+
+Nothing here imports torch at module import (the metrics table helper is
+imported when a report is rendered). Progress bars use tqdm when it is installed (the
+``demo`` extra) and are silent with ``--quiet``; ``groups.png`` needs matplotlib
+(the ``plot`` extra) and is skipped with a note otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "Console",
+    "atomic_write_text",
+    "per_group_markdown",
+    "plot_groups",
+    "render_markdown",
+    "write_folder",
+]
+
+T = TypeVar("T")
+
+
+class Console:
+    """Messages and progress bars on stderr; silent when ``quiet``.
+
+    Args:
+        quiet: Print nothing (errors are printed by the command line itself).
+        bars: Draw tqdm progress bars; ``None`` draws them when stderr is a
+            terminal and tqdm is installed, and prints one line per phase and
+            epoch otherwise (logs and CI stay readable).
+    """
+
+    def __init__(self, quiet: bool = False, bars: bool | None = None) -> None:
+        self.quiet = quiet
+        if bars is None:
+            bars = sys.stderr.isatty()
+        self._tqdm: Any = None
+        if bars and not quiet:
+            with contextlib.suppress(ImportError):
+                import tqdm
+
+                self._tqdm = tqdm.tqdm
+
+    def log(self, message: str) -> None:
+        """Print one line to stderr."""
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def progress(self, iterable: Iterable[T], desc: str) -> Iterable[T]:
+        """Wrap ``iterable`` with a transient progress bar (``unlearn``'s ``progress``)."""
+        if self._tqdm is None:
+            return iterable
+        return self._tqdm(iterable, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    @contextlib.contextmanager
+    def counter(self, total: int, desc: str) -> Iterator[Callable[[], None]]:
+        """Yield a function that advances a transient bar of ``total`` steps."""
+        if self._tqdm is None:
+            done = [0]
+
+            def tick() -> None:
+                done[0] += 1
+                self.log(f"{desc}: {done[0]}/{total}")
+
+            yield tick
+            return
+        bar = self._tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+        try:
+            yield lambda: bar.update(1) and None
+        finally:
+            bar.close()
+
+    def steps(self, names: Sequence[str], desc: str) -> Iterator[str]:
+        """Yield ``names`` under one persistent bar: the phases of a run."""
+        if self._tqdm is None:
+            for name in names:
+                self.log(f"{desc}: {name}")
+                yield name
+            return
+        bar = self._tqdm(total=len(names), desc=desc, file=sys.stderr, dynamic_ncols=True)
+        try:
+            for name in names:
+                bar.set_postfix_str(name)
+                yield name
+                bar.update(1)
+        finally:
+            bar.close()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_folder(out: Path, writers: Mapping[str, Callable[[Path], Any]]) -> list[str]:
+    """Create folder ``out`` with one file per writer, atomically.
+
+    Every file is written into a fresh hidden folder beside ``out``, which is
+    then renamed to ``out`` (an existing ``out`` is swapped out and deleted), so
+    an interruption leaves either the old folder or the complete new one. A
+    writer returning ``False`` wrote nothing (e.g. an optional plot).
+
+    Returns:
+        The names of the files written.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        written = [name for name, write in writers.items() if write(tmp / name) is not False]
+        if out.exists():
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old.exists() and not out.exists():
+                os.rename(old, out)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return written
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def per_group_markdown(
+    models: Mapping[str, Mapping[str, Any]], names: Sequence[str], digits: int = 2
+) -> str:
+    """Return a markdown table: one row per model, one column per group (accuracy x100).
+
+    Example:
+        >>> print(per_group_markdown({"m": {"per_group": {"0": 50.0, "1": None}}}, ["a", "b"]))
+        | model | a | b |
+        |---|---:|---:|
+        | m | 50.00 | - |
+    """
+    lines = ["| model | " + " | ".join(names) + " |", "|---" + "|---:" * len(names) + "|"]
+    for model, rep in models.items():
+        per = rep.get("per_group", {})
+        cells = [_fmt(per.get(str(g), per.get(g)), digits) for g in range(len(names))]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _counts_markdown(report: Mapping[str, Any]) -> str:
+    groups = report["groups"]
+    lines = ["| group | in data | forgotten | retained |", "|---|---:|---:|---:|"]
+    for g, name in enumerate(groups["names"]):
+        c = groups["counts"][str(g)]
+        lines.append(f"| {name} | {c['total']} | {c['forget']} | {c['retain']} |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
+    """Return ``report.md``: summary, metrics, per-group accuracy before/after, counts."""
+    from miu_hooks.metrics import format_table
+
+    models = report["models"]
+    refs = {k: models[k] for k in report["references"]}
+    on = report["evaluated_on"]
+    inputs = report["inputs"]
+    lines = [
+        f"# miu-unlearn report: {report['method']}",
+        "",
+        f"- model: `{inputs['model']}` (sha256 `{inputs['model_sha256'][:16]}…`)",
+        f"- forget list: `{inputs['forget']}` ({report['forgotten']} ids, "
+        f"sha256 `{inputs['forget_sha256'][:16]}…`)",
+        f"- data: `{inputs['data']}`; accuracy per group on the {on} set",
+        f"- EO and GA refer to group(s) {', '.join(map(str, report['forget_groups']))}",
+        f"- miu_hooks {report['miu_hooks_version']}, wall time {report['wall_s']:.1f} s",
+        "",
+        "## Metrics (x100)",
+        "",
+        format_table(models, references=refs or None),
+        "",
+        f"## Per-group accuracy, {on} set (before = original, after = unlearned)",
+        "",
+        per_group_markdown(models, report["groups"]["names"]),
+        "",
+        "## Samples per group",
+        "",
+        _counts_markdown(report),
+        "",
+    ]
+    if on != "test":
+        lines += ["Pass `--test` for TA, MIA, EO, GA and Gap/ToW.", ""]
+    lines += [f"Note: {n}" for n in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_groups(report: Mapping[str, Any], path: Path) -> bool:
+    """Draw per-group accuracy of every model as grouped bars; ``False`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = report["groups"]["names"]
+    models = report["models"]
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names)), 3.6))
+    try:
+        for i, (model, rep) in enumerate(models.items()):
+            per = rep["per_group"]
+            values = [per.get(str(g)) or 0.0 for g in range(len(names))]
+            ax.bar(
+                [g + (i - (len(models) - 1) / 2) * width for g in range(len(names))],
+                values,
+                width,
+                label=model,
+            )
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_ylabel(f"{report['evaluated_on']} accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"Per-group accuracy, {report['method']}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def dump_json(data: Any) -> str:
+    """Return ``data`` as indented JSON with a trailing newline."""
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"

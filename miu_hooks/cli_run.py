@@ -1,0 +1,398 @@
+"""The ``miu-unlearn`` run: load, evaluate, unlearn (resumably), report, write atomically.
+
+:func:`execute` takes inputs checked by :func:`miu_hooks.cli_inputs.prepare`.
+Its work lives in a hidden folder beside the output, ``.<out>.partial/``:
+``run.json`` (the inputs' fingerprint), ``before.json`` and ``reference-*.json``
+(finished evaluations) and ``unlearn_state.safetensors`` (the last finished
+epoch, written atomically by :func:`miu_hooks.unlearn`). An interruption keeps
+that folder and ``resume=True`` continues from the last finished phase or
+epoch, giving the same weights as an uninterrupted run (CPU, same seed). On
+success the output folder appears in one rename and the work folder is
+removed; on any other error the work folder is removed too, so nothing partial
+is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from miu_hooks.cli_inputs import Prepared, sha256_file, work_dir
+from miu_hooks.cli_load import build_model, image_settings, load_dataset, load_model
+from miu_hooks.cli_report import (
+    Console,
+    atomic_write_text,
+    dump_json,
+    plot_groups,
+    render_markdown,
+    write_folder,
+)
+from miu_hooks.config import MIUConfig
+from miu_hooks.data import forward_logits, split_batch
+from miu_hooks.datasets import GroupTensorDataset, subset
+from miu_hooks.errors import CheckpointError
+from miu_hooks.metrics import accuracy, avg_gap, evaluate, per_group_accuracy, tow
+from miu_hooks.reference import save_weights
+from miu_hooks.runtime import resolve_device
+from miu_hooks.unlearn import unlearn
+
+__all__ = ["RunResult", "evaluate_model", "execute", "torch_threads", "work_dir"]
+
+PLOT_NOTE = "groups.png skipped: matplotlib is not installed (pip install 'miu-hooks[plot]')"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run produced.
+
+    Attributes:
+        out: The output folder.
+        report: The contents of ``report.json``.
+        files: Names of the files written into ``out``.
+        notes: Remarks shown to the user (e.g. a skipped plot).
+    """
+
+    out: Path
+    report: dict[str, Any]
+    files: list[str]
+    notes: list[str]
+
+
+def _take(data: Dataset, positions: np.ndarray) -> Dataset:
+    if isinstance(data, GroupTensorDataset):
+        return subset(data, torch.from_numpy(positions))
+    return Subset(data, positions.tolist())
+
+
+def _predictions(model: nn.Module, data: Dataset, batch_size: int) -> tuple[torch.Tensor, ...]:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    preds, labels, groups = [], [], []
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for raw in DataLoader(data, batch_size=batch_size, shuffle=False):
+                batch = split_batch(raw).to(device)
+                preds.append(forward_logits(model, batch.inputs).argmax(-1).cpu())
+                labels.append(batch.labels.cpu())
+                groups.append(batch.groups.cpu())
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return torch.cat(preds), torch.cat(labels), torch.cat(groups)
+
+
+def evaluate_model(
+    model: nn.Module,
+    *,
+    retain: Dataset,
+    forget: Dataset,
+    test: Dataset | None,
+    val: Dataset | None,
+    num_groups: int,
+    num_sensitive: int,
+    forget_groups: tuple[int, ...] | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Return the metrics of ``model`` as a JSON-ready dict.
+
+    With a test set this is :func:`miu_hooks.metrics.evaluate` (RA, FA, TA, MIA,
+    EO, GA, per-group test accuracy; EO and GA for ``forget_groups``, by default
+    the groups present in ``forget``). Without one, only RA, FA and the per-group
+    accuracy on the retain set are computed.
+    """
+    if test is not None:
+        rep = evaluate(
+            model,
+            retain=retain,
+            forget=forget,
+            test=test,
+            val=val,
+            num_groups=num_groups,
+            num_sensitive=num_sensitive,
+            forget_groups=forget_groups,
+            batch_size=batch_size,
+        )
+        return rep.to_dict()
+    r_pred, r_lab, r_grp = _predictions(model, retain, batch_size)
+    f_pred, f_lab, _ = _predictions(model, forget, batch_size)
+    per_group = per_group_accuracy(r_pred, r_lab, r_grp, num_groups)
+    return {
+        "RA": accuracy(r_pred, r_lab),
+        "FA": accuracy(f_pred, f_lab),
+        "per_group": {str(k): v for k, v in per_group.items()},
+    }
+
+
+def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if path.is_file():
+        cached: dict[str, Any] = json.loads(path.read_text())
+        return cached
+    value = compute()
+    atomic_write_text(path, json.dumps(value))
+    return value
+
+
+def _fingerprint(prep: Prepared, config: MIUConfig, method: str) -> dict[str, Any]:
+    def data_id(p: Path | None) -> str | None:
+        return None if p is None else (sha256_file(p) if p.is_file() else str(p.resolve()))
+
+    return {
+        "model_sha256": sha256_file(prep.model.weights),
+        "forget_sha256": prep.forget.sha256,
+        "data": data_id(prep.data.path),
+        "test": data_id(prep.test.path if prep.test else None),
+        "val": data_id(prep.val.path if prep.val else None),
+        "references": {k: sha256_file(s.weights) for k, s in prep.references.items()},
+        "method": method,
+        "config": config.to_dict(),
+    }
+
+
+def _open_work(work: Path, fingerprint: dict[str, Any], resume: bool, console: Console) -> None:
+    run_file = work / "run.json"
+    if work.exists() and resume:
+        try:
+            saved = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved is None:  # interrupted before run.json was written: nothing to keep
+            shutil.rmtree(work)
+            console.log("the interrupted run had not started; starting from the beginning")
+            work.mkdir(parents=True)
+            atomic_write_text(run_file, json.dumps(fingerprint))
+            return
+        if saved != json.loads(json.dumps(fingerprint)):
+            raise CheckpointError(
+                f"the interrupted run in {work} used other inputs or settings; rerun without "
+                "--resume to start over, or with the same options to continue it"
+            )
+        console.log(f"resuming the interrupted run in {work}")
+        return
+    if work.exists():
+        console.log(f"discarding the interrupted run in {work} (pass --resume to continue it)")
+        shutil.rmtree(work)
+    elif resume:
+        console.log("nothing to resume: starting from the beginning")
+    work.mkdir(parents=True)
+    atomic_write_text(run_file, json.dumps(fingerprint))
+
+
+def _gaps(models: Mapping[str, Any], refs: list[str], names: list[str]) -> dict[str, Any]:
+    return {
+        m: {
+            f"vs {r}": {"avg_gap": avg_gap(models[m], models[r]), "tow": tow(models[m], models[r])}
+            for r in refs
+        }
+        for m in names
+    }
+
+
+def execute(
+    prep: Prepared,
+    *,
+    config: MIUConfig,
+    method: str = "miu",
+    feature_module: str | None = None,
+    image_size: int | None = None,
+    threads: int | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+) -> RunResult:
+    """Run ``method`` on the prepared inputs and write the output folder.
+
+    Args:
+        prep: Checked inputs (:func:`miu_hooks.cli_inputs.prepare`).
+        config: The run's :class:`MIUConfig`.
+        method: A registered method name (``available_methods()``).
+        feature_module: Head override for the feature tap (dotted name).
+        image_size: Side of image inputs (manifest or ``datasets`` images).
+        threads: ``torch.set_num_threads`` for the run, when given.
+        resume: Continue the interrupted run of the same output folder.
+        console: Messages and progress bars.
+
+    Returns:
+        The :class:`RunResult`.
+
+    Raises:
+        MIUError: Bad weights, data or numbers (NaN/Inf); nothing is left behind.
+        KeyboardInterrupt: Interrupted; the work folder is kept for ``resume``.
+    """
+    with torch_threads(threads):
+        return _execute(prep, config, method, feature_module, image_size, resume, console)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (when given), then restore it."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _execute(
+    prep: Prepared,
+    config: MIUConfig,
+    method: str,
+    feature_module: str | None,
+    image_size: int | None,
+    resume: bool,
+    console: Console | None,
+) -> RunResult:
+    console = console or Console(quiet=True)
+    start_time = time.monotonic()
+    plan, num_sensitive = prep.plan, config.num_sensitive
+    work = work_dir(prep.out)
+    fingerprint = _fingerprint(prep, config, method)
+    phases = console.steps(["load", "evaluate original", "unlearn", "evaluate", "write"], "run")
+    next(phases)
+    model = load_model(prep.model, seed=config.seed)
+    refs = {name: load_model(src, seed=config.seed) for name, src in prep.references.items()}
+    side, mode = image_settings(prep.model, image_size)
+    data = load_dataset(prep.data, side=side, mode=mode)
+    test, val = (
+        load_dataset(i, side=side, mode=mode) if i else None for i in (prep.test, prep.val)
+    )
+    retain, forget = _take(data, plan.retain), _take(data, plan.forget)
+    device = resolve_device(config.device)
+
+    def measure(net: nn.Module) -> Callable[[], dict[str, Any]]:
+        return lambda: evaluate_model(
+            net.to(device),
+            retain=retain,
+            forget=forget,
+            test=test,
+            val=val,
+            num_groups=plan.num_groups,
+            num_sensitive=num_sensitive,
+            forget_groups=prep.forget_groups,
+        )
+
+    _open_work(work, fingerprint, resume, console)
+    done = False
+    try:
+        next(phases)
+        models = {"original": _cached(work / "before.json", measure(model))}
+        for i, (name, ref) in enumerate(refs.items()):
+            models[name] = _cached(work / f"reference-{i}.json", measure(ref))
+        next(phases)
+        net = build_model(prep.model, seed=config.seed) if method.startswith("retrain") else model
+        with console.counter(config.epochs, f"{method} epochs") as tick:
+            unlearn(
+                net,
+                retain,
+                forget,
+                config=config,
+                method=method,
+                num_groups=plan.num_groups,
+                feature_module=feature_module,
+                state_dir=work,
+                resume=True,
+                on_epoch_end=lambda *_: tick(),
+                progress=console.progress,
+            )
+        next(phases)
+        models["unlearned"] = measure(net)()
+        report = _report(prep, fingerprint, config, method, models, list(refs), start_time)
+        next(phases)
+        notes: list[str] = []
+        meta = {
+            "format": "pt",
+            "method": method,
+            "config": config.to_json(),
+            "input_sha256": fingerprint["model_sha256"],
+            "forget_sha256": prep.forget.sha256,
+            "miu_hooks_version": report["miu_hooks_version"],
+        }
+
+        def plot(path: Path) -> bool:
+            if plot_groups(report, path):
+                return True
+            notes.append(PLOT_NOTE)
+            return False
+
+        writers: dict[str, Callable[[Path], Any]] = {
+            "model.safetensors": lambda p: save_weights(net.cpu(), p, meta),
+            "report.json": lambda p: p.write_text(dump_json(report)),
+            "groups.png": plot,  # before report.md, which lists a skipped plot
+            "report.md": lambda p: p.write_text(render_markdown(report, notes)),
+        }
+        if prep.model.config_dir is not None:
+            config_json = prep.model.config_dir / "config.json"
+            writers["config.json"] = lambda p: shutil.copyfile(config_json, p)
+        files = write_folder(prep.out, writers)
+        next(phases, None)
+        done = True
+        return RunResult(prep.out, report, files, notes)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if done:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(
+    prep: Prepared,
+    fingerprint: dict[str, Any],
+    config: MIUConfig,
+    method: str,
+    models: dict[str, Any],
+    refs: list[str],
+    start_time: float,
+) -> dict[str, Any]:
+    from miu_hooks import __version__
+
+    plan = prep.plan
+    ordered = {k: models[k] for k in ("original", "unlearned", *refs)}
+    return {
+        "miu_hooks_version": __version__,
+        "method": method,
+        "config": config.to_dict(),
+        "inputs": {
+            "model": str(prep.model.weights),
+            "model_sha256": fingerprint["model_sha256"],
+            "forget": str(prep.forget.path),
+            "forget_sha256": prep.forget.sha256,
+            "data": str(prep.data.path),
+            "test": str(prep.test.path) if prep.test else None,
+            "val": str(prep.val.path) if prep.val else None,
+            "references": {
+                k: {"path": str(s.weights), "sha256": fingerprint["references"][k]}
+                for k, s in prep.references.items()
+            },
+        },
+        "forgotten": len(plan.forget),
+        "forget_groups": list(prep.forget_groups),
+        "groups": {
+            "num_groups": plan.num_groups,
+            "names": list(prep.group_names),
+            "counts": {
+                str(g): dict(zip(("total", "forget", "retain"), c, strict=True))
+                for g, c in plan.counts.items()
+            },
+        },
+        "evaluated_on": "test" if prep.test is not None else "retain",
+        "references": refs,
+        "models": ordered,
+        "gaps": _gaps(ordered, refs, ["original", "unlearned"]) if prep.test else {},
+        "output": str(prep.out),
+        "wall_s": round(time.monotonic() - start_time, 3),
+    }

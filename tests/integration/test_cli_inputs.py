@@ -1,0 +1,145 @@
+"""``miu-unlearn`` input formats and options: image manifests, datasets folders, every method."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+
+from miu_hooks.cli import cli
+from miu_hooks.cli_load import image_settings, load_dataset
+from miu_hooks.methods import available_methods
+
+pytestmark = pytest.mark.integration
+
+ARCH_SRC = """from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 2))
+"""
+N = 48
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli_inputs")
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(N) % 2
+    s = (torch.arange(N) // 2) % 2
+    x = torch.rand(N, 3, 4, 4, generator=gen) * 2 - 1
+    save_file({"inputs": x, "labels": y, "groups": s + 2 * y}, str(root / "train.safetensors"))
+    (root / "arch.py").write_text(ARCH_SRC)
+    torch.manual_seed(0)
+    save_model(
+        nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 2)),
+        str(root / "model.safetensors"),
+    )
+    (root / "forget.csv").write_text("id,why\n3,request\n7,request\n11,request\n")
+    cfg = {"mine_hidden": 8, "mine_warmup_iters": 2, "mine_iters": 1}
+    (root / "miu.json").write_text(json.dumps(cfg))
+    return root
+
+
+def invoke(root: Path, out: Path, *extra: str, data: str = "train.safetensors") -> Result:
+    args = [
+        "-m",
+        str(root / "model.safetensors"),
+        "--arch",
+        f"{root / 'arch.py'}:build",
+        "-d",
+        str(root / data),
+        "-f",
+        str(root / "forget.csv"),
+        "--config",
+        str(root / "miu.json"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+        *extra,
+    ]
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_registered_method_runs(root: Path, tmp_path: Path, method: str) -> None:
+    res = invoke(root, tmp_path / "out", "--method", method, "-q")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["method"] == method and report["forgotten"] == 3
+
+
+def test_image_manifest(root: Path, tmp_path: Path) -> None:
+    image_mod = pytest.importorskip("PIL.Image")
+    pixels = np.random.default_rng(0).integers(0, 256, (N, 8, 8, 3), dtype=np.uint8)
+    (root / "img").mkdir(exist_ok=True)
+    rows = ["path,label,group,id"]
+    data = load_file(str(root / "train.safetensors"))
+    for i in range(N):
+        image_mod.fromarray(pixels[i]).save(root / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{int(data['labels'][i])},{int(data['groups'][i])},{i}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    res = invoke(root, tmp_path / "out", "--image-size", "4", "--json", data="manifest.csv")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["inputs"]["data"].endswith("manifest.csv")
+    # The documented transform: RGB, bilinear resize, [0, 1], mean = std = 0.5.
+    from miu_hooks.cli_data import read_data_index
+    from miu_hooks.cli_inputs import resolve_model_source
+
+    source = resolve_model_source(root / "model.safetensors", f"{root / 'arch.py'}:build")
+    side, mode = image_settings(source, 4)
+    x, label, group = load_dataset(read_data_index(root / "manifest.csv"), side=side, mode=mode)[5]
+    expected = image_mod.fromarray(pixels[5]).resize((4, 4), image_mod.Resampling.BILINEAR)
+    want = (np.asarray(expected, dtype=np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    assert torch.allclose(x, torch.from_numpy(want)) and (side, mode) == (4, "RGB")
+    assert (int(label), int(group)) == (int(data["labels"][5]), int(data["groups"][5]))
+
+
+def test_manifest_with_a_missing_image_exits_3(root: Path, tmp_path: Path) -> None:
+    (root / "broken.csv").write_text("path,label,group\nimg/none.png,0,0\n")
+    res = invoke(root, tmp_path / "out", "-q", data="broken.csv")
+    assert res.exit_code == 3 and "image file(s) not found" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_datasets_folder_needs_the_optional_package(root: Path, tmp_path: Path) -> None:
+    from miu_hooks._imports import is_available
+
+    if is_available("datasets"):
+        pytest.skip("datasets is installed; the missing-extra path is not reachable")
+    (root / "hf_data").mkdir(exist_ok=True)
+    res = invoke(root, tmp_path / "out", "-q", data="hf_data")
+    assert res.exit_code == 15 and "datasets" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_missing_matplotlib_skips_the_plot_with_a_note(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    res = invoke(root, tmp_path / "out")
+    assert res.exit_code == 0, res.stderr
+    out = tmp_path / "out"
+    assert not (out / "groups.png").exists() and (out / "model.safetensors").is_file()
+    assert "groups.png skipped" in (out / "report.md").read_text()
+    assert "note: groups.png skipped" in res.stderr
+
+
+def test_forget_groups_option_sets_eo_and_ga_groups(root: Path, tmp_path: Path) -> None:
+    res = invoke(root, tmp_path / "out", "--forget-groups", "1,3", "-q")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["forget_groups"] == [1, 3]
+    res = invoke(root, tmp_path / "bad", "--forget-groups", "9", "-q")
+    assert res.exit_code == 10 and "--forget-groups" in res.stderr
