@@ -67,4 +67,4 @@ def resolve_method(name: str) -> tuple[type[UnlearningMethod], bool]:
 
 
 # Registration happens on import of each method module.
-from miu_hooks.methods import finetune, miu  # noqa: E402,F401
+from miu_hooks.methods import finetune, l1_sparse, miu, neggrad, random_labels, salun, scrub  # noqa: E402,F401
