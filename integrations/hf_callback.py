@@ -1,0 +1,408 @@
+"""``MIUCallback``: MIU in an unmodified ``transformers.Trainer`` (overview: ``hf.py``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from miu_hooks._imports import require
+from miu_hooks.config import MIUConfig
+from miu_hooks.data import dataset_groups
+from miu_hooks.engine import MIUHandle, OriginalSpec, attach, resolve_original
+from miu_hooks.errors import CheckpointError, DataError
+from miu_hooks.integrations.hf_hooks import TrainerHooks
+from miu_hooks.integrations.hf_state import (
+    EpochLoader,
+    RankBatchSampler,
+    install_sampler,
+    load_state,
+    make_runtime,
+    save_state,
+    trainer_precision,
+)
+from miu_hooks.methods.base import ShuffleSampler
+from miu_hooks.sampling import GroupReweightSampler
+from miu_hooks.unlearn import check_split
+
+transformers = require("transformers", extra="hf")
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback  # noqa: E402
+
+__all__ = ["MIUCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+def _first_item(dataset: Any, what: str) -> Mapping[str, Any]:
+    if len(dataset) == 0:
+        raise DataError(f"the {what} is empty")
+    item = dataset[0]
+    if not isinstance(item, Mapping):
+        raise DataError(
+            f"{what} items must be dicts of columns for the Trainer; item 0 is "
+            f"{type(item).__name__}. Wrap (inputs, label, group) datasets with as_trainer_dataset()"
+        )
+    return item
+
+
+class MIUCallback(TrainerCallback):
+    """Turn a ``transformers.Trainer`` run on the retain set into an MIU unlearning run.
+
+    Pass the **retain** set as the Trainer's ``train_dataset`` and the **forget**
+    set here. Items are dicts with the model inputs (e.g. ``pixel_values``), the
+    ``labels`` and a ``group`` column (group id g = s + y·S); see
+    :func:`as_trainer_dataset` for ``(inputs, label, group)`` datasets. The
+    Trainer's arguments rule optimisation (epochs, lr, batch size, accumulation,
+    precision, ``max_grad_norm``, which also clips the forget steps); from
+    ``config`` the callback uses ``forget_epochs``, ``mi_weight``, ``mine_*``,
+    ``ema``, ``reweight``, ``calibrate``, the column keys and ``seed`` (critic
+    initialisation and marginal draws). Data order (the REWEIGHT draw, forget
+    and tuning shuffles) follows ``TrainingArguments.data_seed`` or ``seed``.
+
+    Args:
+        forget_dataset: The forget set D_f (map-style, dict items).
+        original: The frozen original model for the calibration term: ``None``
+            snapshots the Trainer's model when the Trainer is built (or at train
+            start when the callback is added later), a safetensors path, or a module.
+        config: MIU settings (see above); ``MIUConfig()`` by default.
+        feature_module: Head override for the feature tap (dotted name or module).
+        num_groups: |G|; default ``max group id + 1`` over retain ∪ forget.
+        batch_size: Batch size of the forget and critic-tuning loaders (default
+            ``per_device_train_batch_size``).
+        resume_from: Checkpoint folder to restore the MIU state from when the
+            Trainer resumes (default ``output_dir/checkpoint-<global_step>``).
+
+    Attributes:
+        handle: The :class:`~miu_hooks.engine.MIUHandle` (after train start).
+        hooks: The native hooks on the model.
+        sampler: The REWEIGHT sampler of the train loader (``None`` without REWEIGHT).
+        started_epoch: Last epoch whose tuning/forget phase has run (-1 before).
+
+    Example:
+        ``retain``/``forget`` are dict datasets (``as_trainer_dataset``), ``vit`` the
+        trained model:
+
+        >>> from transformers import Trainer, TrainingArguments
+        >>> cfg = MIUConfig(forget_epochs=2, mi_weight=10.0)
+        >>> cb = MIUCallback(forget, config=cfg)  # doctest: +SKIP
+        >>> trainer = Trainer(model=vit, args=TrainingArguments("out", num_train_epochs=5),
+        ...                   train_dataset=retain, callbacks=[cb])  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+        >>> cb.remove()  # detach the remaining column hook when done  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        forget_dataset: Dataset,
+        *,
+        original: OriginalSpec = None,
+        config: MIUConfig | None = None,
+        feature_module: str | nn.Module | None = None,
+        num_groups: int | None = None,
+        batch_size: int | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.config = config or MIUConfig()
+        self.forget_dataset = forget_dataset
+        self._check_forget_columns()
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None; got {batch_size}")
+        self.original_spec = original
+        self.feature_module = feature_module
+        self.num_groups = num_groups
+        self.batch_size = batch_size
+        self.resume_from = resume_from
+        self.handle: MIUHandle | None = None
+        self.hooks: TrainerHooks | None = None
+        self.sampler: GroupReweightSampler | None = None
+        self.started_epoch = -1
+        self.subclassed = False  # set by MIUTrainerMixin: its compute_loss and log() add the terms
+        self._original: nn.Module | None = None
+        self._args: Any = None
+        self._switched_columns = False
+        self._loaders: tuple[EpochLoader, EpochLoader] | None = None
+
+    # -- Trainer events ------------------------------------------------------------------
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Snapshot the original model, keep the group column, place the column hook."""
+        model = kwargs.get("model")
+        self._args = args
+        if args.remove_unused_columns:
+            args.remove_unused_columns = False
+            self._switched_columns = True
+            logger.warning(
+                "MIUCallback set TrainingArguments.remove_unused_columns=False so that the %r "
+                "column reaches the callback (its hook removes it before the model's forward)",
+                self.config.group_key,
+            )
+        if isinstance(model, nn.Module):
+            self._snapshot(model)
+            self._hooks_for(model)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Validate the columns, attach the engine, install REWEIGHT, restore a resumed state."""
+        model, optimizer, loader = kwargs["model"], kwargs["optimizer"], kwargs["train_dataloader"]
+        cfg = self.config
+        self._args = args
+        self._check_columns(args, loader)
+        if self._original is None:
+            if state.global_step > 0:
+                raise CheckpointError(
+                    "MIUCallback needs the original model to resume: pass it to the Trainer's "
+                    "callbacks= at construction (the model is snapshotted then) or give original="
+                )
+            self._snapshot(model)
+        hooks = self._hooks_for(model)
+        if self.handle is not None:
+            self.handle.remove()
+        retain = loader.dataset
+        retain_groups = dataset_groups(retain, cfg.group_key)
+        forget_groups = dataset_groups(self.forget_dataset, cfg.group_key)
+        train_groups, num_groups = check_split(retain_groups, forget_groups, self.num_groups)
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        run_cfg = cfg.replace(
+            device=str(args.device),
+            precision=trainer_precision(args),
+            max_grad_norm=float(args.max_grad_norm) if args.max_grad_norm else None,
+            batch_size=self.batch_size or args.per_device_train_batch_size,
+        )
+        self.handle = attach(
+            model,
+            run_cfg,
+            num_groups=num_groups,
+            original=self._original,
+            feature_module=self.feature_module,
+            runtime=make_runtime(args, optimizer),
+            tap_when="train",
+        )
+        hooks.attach_loss(self.handle, add_to_loss=not self.subclassed)
+        self._loaders = self._make_loaders(retain, loader, run_cfg.batch_size, seed, args)
+        self.sampler = None
+        if cfg.reweight:
+            self.sampler = install_sampler(
+                loader,
+                lambda n: GroupReweightSampler(
+                    retain_groups, train_groups, num_samples=n, num_groups=num_groups, seed=seed
+                ),
+            )
+        self.started_epoch = -1
+        if state.global_step > 0:
+            self._resume(args, state)
+        if not self.subclassed:
+            self._log_before_reporters()
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Redraw REWEIGHT, tune the critics and (first ``forget_epochs``) run the forget pass."""
+        if self.handle is None or self._loaders is None:
+            return
+        epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        if epoch <= self.started_epoch:
+            logger.info("MIUCallback: epoch %d started before the checkpoint; not repeated", epoch)
+            return
+        forget_loader, tune_loader = self._loaders
+        for loader in (forget_loader, tune_loader):
+            loader.set_epoch(epoch)
+        model = kwargs["model"]
+        assert self.hooks is not None
+        self.hooks.internal = True
+        try:
+            self.handle.epoch_start(
+                epoch,
+                optimizer=kwargs["optimizer"],
+                forget_loader=forget_loader,
+                tune_loader=tune_loader,
+            )
+        finally:
+            self.hooks.internal = False
+            model.zero_grad(set_to_none=True)
+        self.started_epoch = epoch
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        """Put the ``miu/*`` means into the training record being logged."""
+        if logs is None or "loss" not in logs or self.handle is None:
+            return
+        values = self.pop_logs()
+        if not values:
+            return
+        logs.update(values)
+        history = getattr(state, "log_history", None)
+        if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
+            history[-1].update(values)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the MIU state into the checkpoint folder just saved."""
+        if self.handle is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            logger.warning(
+                "MIUCallback: no checkpoint folder %s to add the MIU state to (a custom run_dir?); "
+                "the MIU state of this checkpoint is not saved",
+                folder,
+            )
+            return
+        save_state(folder, self.handle, self._meta())
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Remove the loss hook and the taps; the column hook stays until :meth:`remove`."""
+        if self.hooks is not None:
+            self.hooks.detach_loss()
+        if self.handle is not None:
+            self.handle.remove()
+
+    # -- public helpers ----------------------------------------------------------------------------
+    def pop_logs(self) -> dict[str, float]:
+        """Return the ``miu/*`` means since the last call (empty before train start)."""
+        return self.handle.pop_logs() if self.handle is not None else {}
+
+    def make_sampler(self, retain: Any, args: Any) -> GroupReweightSampler:
+        """The REWEIGHT sampler of ``retain`` (used by :class:`MIUTrainerMixin`)."""
+        retain_groups = dataset_groups(retain, self.config.group_key)
+        forget_groups = dataset_groups(self.forget_dataset, self.config.group_key)
+        train_groups, num_groups = check_split(retain_groups, forget_groups, self.num_groups)
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return GroupReweightSampler(retain_groups, train_groups, num_groups=num_groups, seed=seed)
+
+    def remove(self) -> None:
+        """Remove every hook and tap, and restore ``remove_unused_columns``; idempotent."""
+        if self.hooks is not None:
+            self.hooks.remove()
+        if self.handle is not None:
+            self.handle.remove()
+        if self._switched_columns and self._args is not None:
+            self._args.remove_unused_columns = True
+            self._switched_columns = False
+
+    # -- internals ----------------------------------------------------------------------------
+    def _snapshot(self, model: nn.Module) -> None:
+        if self._original is None:
+            self._original = resolve_original(model, self.original_spec)
+
+    def _hooks_for(self, model: nn.Module) -> TrainerHooks:
+        if self.hooks is None or self.hooks.model is not model or not self.hooks.active:
+            if self.hooks is not None:
+                self.hooks.remove()
+            cfg = self.config
+            self.hooks = TrainerHooks(
+                model, group_key=cfg.group_key, id_key=cfg.id_key, label_key=cfg.label_key
+            )
+        return self.hooks
+
+    def _check_forget_columns(self) -> None:
+        item = _first_item(self.forget_dataset, "forget dataset")
+        cfg = self.config
+        labels = [cfg.label_key] if cfg.label_key else ["labels", "label"]
+        missing = [repr(cfg.group_key)] if cfg.group_key not in item else []
+        if not any(k in item for k in labels):
+            missing.append(" or ".join(map(repr, labels)))
+        if missing:
+            raise DataError(
+                f"the forget dataset has no {' and no '.join(missing)} column; its columns are "
+                f"{sorted(item)}. Add it, or set MIUConfig(group_key=..., label_key=...)"
+            )
+
+    def _check_columns(self, args: Any, loader: Any) -> None:
+        key = self.config.group_key
+        first = _first_item(loader.dataset, "train (retain) dataset")
+        if key not in first:
+            raise DataError(
+                f"the train (retain) dataset has no {key!r} column; its columns are "
+                f"{sorted(first)}. Add the group id of each sample, or set MIUConfig(group_key=...)"
+            )
+        collate = getattr(loader, "collate_fn", None)
+        batch = collate([first]) if callable(collate) else first
+        if isinstance(batch, dict) and key not in batch:
+            raise DataError(
+                f"the {key!r} column does not reach the training batches: the Trainer removes "
+                f"columns its model's forward does not accept. Set "
+                f"TrainingArguments(remove_unused_columns=False) (MIUCallback does this itself "
+                f"when it is passed in Trainer(callbacks=[...]))"
+            )
+
+    def _make_loaders(
+        self, retain: Dataset, loader: Any, batch_size: int, seed: int, args: Any
+    ) -> tuple[EpochLoader, EpochLoader]:
+        """Forget and tuning loaders; with several processes each rank loads its share."""
+        runtime = self.handle.runtime if self.handle is not None else None
+        rank, world = int(getattr(runtime, "rank", 0)), int(getattr(runtime, "world_size", 1))
+
+        def make(dataset: Dataset, offset: int) -> EpochLoader:
+            order = ShuffleSampler(len(dataset), seed + offset)  # type: ignore[arg-type]
+            return EpochLoader(
+                dataset,
+                batch_sampler=RankBatchSampler(order, batch_size, rank=rank, world_size=world),
+                collate_fn=getattr(loader, "collate_fn", None),
+                num_workers=args.dataloader_num_workers,
+                generator=torch.Generator().manual_seed(seed),
+            )
+
+        return make(self.forget_dataset, 1), make(ConcatDataset([retain, self.forget_dataset]), 2)
+
+    def _meta(self) -> dict[str, Any]:
+        assert self.handle is not None
+        return {
+            "started_epoch": self.started_epoch,
+            "epoch": self.handle.epoch,
+            "counters": dict(self.handle.counters),
+            "num_groups": self.handle.num_groups,
+            "config": self.handle.config.to_dict(),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        }
+
+    def _resume(self, args: Any, state: Any) -> None:
+        assert self.handle is not None
+        folder = self.resume_from or os.path.join(
+            args.output_dir, f"checkpoint-{state.global_step}"
+        )
+        meta = load_state(folder, self.handle)
+        saved = meta.get("config", {})
+        current = self.handle.config.to_dict()
+        changed = sorted(
+            k
+            for k in ("forget_epochs", "mi_weight", "mine_hidden")
+            if k in saved and saved[k] != current[k]
+        )
+        if changed:
+            raise CheckpointError(
+                f"the MIU state in {folder} was written with different {changed}; resume with "
+                "the same MIUConfig or start a new run"
+            )
+        self.started_epoch = int(meta.get("started_epoch", -1))
+        logger.info("MIUCallback: resumed MIU state from %s (epoch %d)", folder, self.started_epoch)
+
+    def _log_before_reporters(self) -> None:
+        """Run this callback's ``on_log`` before the ``report_to`` callbacks.
+
+        ``Trainer.log`` hands the same ``logs`` dict to every callback in order,
+        and reporting callbacks are registered before user callbacks, so keys
+        added by a later callback reach neither them nor ``log_history``. The
+        Trainer's ``CallbackHandler`` is the caller of this event; this callback
+        moves itself right after ``DefaultFlowCallback`` in its list.
+        """
+        frame = sys._getframe(1)
+        for _ in range(6):
+            if frame is None:
+                break
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler) and self in handler.callbacks:
+                callbacks = handler.callbacks
+                callbacks.remove(self)
+                flows = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+                callbacks.insert(flows[-1] + 1 if flows else 0, self)
+                return
+            frame = frame.f_back  # type: ignore[assignment]
+        logger.warning(
+            "MIUCallback could not reach the Trainer's callback list; the miu/* terms reach "
+            "state.log_history but report_to backends may miss them (use make_miu_trainer)"
+        )
