@@ -54,6 +54,13 @@ class MIUTrainerMixin(_TrainerBase):
         num_groups: See :class:`MIUCallback`.
         miu_batch_size: :class:`MIUCallback`'s ``batch_size``.
         **kwargs: The Trainer's own arguments.
+
+    Example:
+        >>> cfg = MIUConfig(mi_weight=10.0)
+        >>> trainer = MIUTrainer(model=vit, args=args, train_dataset=retain,
+        ...                      forget_dataset=forget, miu_config=cfg)  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+        >>> trainer.miu.remove()  # doctest: +SKIP
     """
 
     miu: MIUCallback
