@@ -74,22 +74,46 @@ class MIEstimator(nn.Module):
     def extra_repr(self) -> str:
         return f"feature_dim={self.feature_dim}, num_groups={self.num_groups}, ema={self.ema}"
 
-    def scores(self, z: Tensor, groups: Tensor) -> Tensor:
-        """Return FloatTensor[B], the statistics network on ``(z, onehot(groups))``."""
+    def _check(self, z: Tensor, *group_sets: Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.feature_dim:
             raise ValueError(
                 f"MIEstimator expects features [B, {self.feature_dim}]; got {tuple(z.shape)}"
             )
-        groups = groups.long().reshape(-1)
+        groups = torch.cat([g.reshape(-1) for g in group_sets])
         if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= self.num_groups):
             raise GroupRangeError(
                 f"group ids must lie in [0, {self.num_groups}); got "
                 f"{int(groups.min())}..{int(groups.max())}"
             )
-        weight = self.net[0].weight
+
+    def _project(self, z: Tensor) -> Tensor:
+        # The first layer on concat(z, onehot(g)) is W_z z + W_g[:, g] + b: the z part is
+        # shared by the joint and the marginal scores, so it is computed once.
+        first = self.net[0]
+        return F.linear(z.to(first.weight.dtype), first.weight[:, : self.feature_dim], first.bias)
+
+    def _head(self, hz: Tensor, groups: Tensor) -> Tensor:
+        group_weight = self.net[0].weight[:, self.feature_dim :]
+        onehot = F.one_hot(groups.long(), self.num_groups).to(group_weight.dtype)
+        return self.net[2](F.relu(hz + F.linear(onehot, group_weight))).float().reshape(-1)
+
+    def scores(self, z: Tensor, groups: Tensor) -> Tensor:
+        """Return FloatTensor[B], the statistics network on ``(z, onehot(groups))``."""
+        groups = groups.long().reshape(-1).to(z.device)
+        self._check(z, groups)
         with _autocast_off(z.device.type):
-            onehot = F.one_hot(groups, self.num_groups).to(weight.dtype)
-            return self.net(torch.cat([z.to(weight.dtype), onehot], dim=1)).float().reshape(-1)
+            return self._head(self._project(z), groups)
+
+    def scores_pair(
+        self, z: Tensor, groups: Tensor, marginal_groups: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Return the scores of ``(z, groups)`` and of ``(z, marginal_groups)``, sharing W_z z."""
+        groups = groups.long().reshape(-1).to(z.device)
+        marginal_groups = marginal_groups.long().reshape(-1).to(z.device)
+        self._check(z, groups, marginal_groups)
+        with _autocast_off(z.device.type):
+            hz = self._project(z)
+            return self._head(hz, groups), self._head(hz, marginal_groups)
 
     def sample_marginal(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` uniformly random group ids (on the generator's device)."""
@@ -121,9 +145,7 @@ class MIEstimator(nn.Module):
         z = z.float()
         if marginal_groups is None:
             marginal_groups = self.sample_marginal(z.shape[0], generator)
-        marginal_groups = marginal_groups.to(z.device)
-        joint = self.scores(z, groups.to(z.device))
-        marginal = self.scores(z, marginal_groups)
+        joint, marginal = self.scores_pair(z, groups, marginal_groups)
         with _autocast_off(z.device.type):
             if not update_ema:
                 return joint.mean() - log_mean_exp(marginal)
