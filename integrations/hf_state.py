@@ -18,12 +18,10 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from miu_hooks.engine import MIUHandle
@@ -61,56 +59,14 @@ def trainer_precision(args: Any) -> str:
     return "fp32"
 
 
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` (or itself)."""
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
-
-
-class _TrainerSteps:
-    """Step overrides shared by the one-process and the distributed Trainer runtimes.
+class TrainerRuntime(LocalRuntime):
+    """One-process runtime of the callback's steps with the Trainer's optimizer and scaler.
 
     The Trainer's optimizer is Accelerate's ``AcceleratedOptimizer``, which only
     steps while Accelerate says gradients are synchronised and, under fp16, owns
-    the gradient scaler. The callback's forget steps run between Trainer steps,
-    so they step the wrapped torch optimizer directly and reuse that scaler.
-    """
-
-    scaler: Any
-
-    def __init__(
-        self, device: torch.device, precision: str = "fp32", *, scaler: Any = None, **kwargs: Any
-    ) -> None:
-        super().__init__(device, precision, **kwargs)  # type: ignore[call-arg]
-        self.scaler = scaler
-
-    def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss`` (scaled by the Trainer's fp16 scaler, if any)."""
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-
-    def clip_grad_norm(
-        self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], max_norm: float
-    ) -> Tensor:
-        """Unscale (fp16) and clip the global gradient norm; return the norm before clipping."""
-        if self.scaler is not None:
-            self.scaler.unscale_(_inner(optimizer))
-        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step the torch optimizer inside ``optimizer`` (through the scaler under fp16)."""
-        inner = _inner(optimizer)
-        if self.scaler is not None:
-            self.scaler.step(inner)
-            self.scaler.update()
-        else:
-            inner.step()
-
-
-class TrainerRuntime(_TrainerSteps, LocalRuntime):
-    """One-process runtime of the callback's steps with the Trainer's optimizer and scaler.
+    the gradient scaler. The callback's forget steps run between Trainer steps, so
+    they step the wrapped torch optimizer (``LocalRuntime`` unwraps it) and reuse
+    that scaler.
 
     Args:
         device: The Trainer's device (``args.device``).
@@ -121,6 +77,9 @@ class TrainerRuntime(_TrainerSteps, LocalRuntime):
         >>> TrainerRuntime(torch.device("cpu")).world_size
         1
     """
+
+    def __init__(self, device: torch.device, precision: str = "fp32", *, scaler: Any = None):
+        super().__init__(device, precision, scaler=scaler)
 
 
 def _world_size() -> int:
@@ -145,8 +104,7 @@ def make_runtime(args: Any, optimizer: torch.optim.Optimizer | None) -> Runtime:
     if _world_size() > 1:
         from miu_hooks.distributed import DistributedRuntime  # lazy: only for multi-process runs
 
-        cls = type("DistributedTrainerRuntime", (_TrainerSteps, DistributedRuntime), {})
-        return cls(device, precision, scaler=scaler)
+        return DistributedRuntime(device, precision, scaler=scaler)
     return TrainerRuntime(device, precision, scaler=scaler)
 
 

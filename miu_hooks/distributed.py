@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -182,6 +183,7 @@ class DistributedRuntime(LocalRuntime):
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for model forwards.
         group: Process group (default: the world).
         check_sizes: Check equal per-rank batch sizes before each gather.
+        scaler: See :class:`~miu_hooks.runtime.LocalRuntime`.
 
     Example:
         >>> rt = DistributedRuntime(torch.device("cpu"))
@@ -196,8 +198,9 @@ class DistributedRuntime(LocalRuntime):
         *,
         group: object = None,
         check_sizes: bool = True,
+        scaler: Any = "auto",
     ) -> None:
-        super().__init__(device, precision)
+        super().__init__(device, precision, scaler=scaler)
         self.group = group
         self.check_sizes = check_sizes
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LocalRuntime", "Runtime", "resolve_device"]
+__all__ = ["LocalRuntime", "Runtime", "resolve_device", "unwrap_optimizer"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -39,6 +40,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a wrapper such as Accelerate's ``AcceleratedOptimizer``.
+
+    A wrapped optimizer may skip ``step()`` between its own synchronised steps (as
+    Accelerate's does inside the Trainer); the engine's own steps (forget passes)
+    are full steps, so they step the inner optimizer.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> unwrap_optimizer(opt) is opt
+        True
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
 class Runtime:
@@ -108,6 +125,12 @@ class Runtime:
 class LocalRuntime(Runtime):
     """A single process with optional autocast; fp16 uses a gradient scaler.
 
+    Args:
+        device: Where batches go.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        scaler: ``"auto"`` (a new ``GradScaler`` under fp16), a scaler to share
+            (e.g. the Trainer's), or ``None``.
+
     Example:
         >>> rt = LocalRuntime(torch.device("cpu"), "bf16")
         >>> with rt.autocast():
@@ -115,11 +138,13 @@ class LocalRuntime(Runtime):
         torch.bfloat16
     """
 
-    def __init__(self, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(
+        self, device: torch.device, precision: str = "fp32", *, scaler: Any = "auto"
+    ) -> None:
         super().__init__(device, precision)
-        self.scaler: torch.amp.GradScaler | None = None
-        if precision == "fp16":
-            self.scaler = torch.amp.GradScaler(device.type)
+        if isinstance(scaler, str):  # "auto": a fresh scaler under fp16, none otherwise
+            scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.scaler: Any = scaler
 
     def backward(self, loss: Tensor) -> None:
         if self.scaler is not None:
@@ -131,12 +156,13 @@ class LocalRuntime(Runtime):
         self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], max_norm: float
     ) -> Tensor:
         if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
+            self.scaler.unscale_(unwrap_optimizer(optimizer))
         return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = unwrap_optimizer(optimizer)
         if self.scaler is not None:
-            self.scaler.step(optimizer)
+            self.scaler.step(inner)
             self.scaler.update()
         else:
-            optimizer.step()
+            inner.step()
