@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from miu_hooks.errors import GroupRangeError
-from miu_hooks.functional import ema_log_mean_exp, log_mean_exp
+from miu_hooks.functional import check_group_range, ema_log_mean_exp, log_mean_exp
 
 __all__ = ["MIEstimator"]
 
@@ -71,6 +70,13 @@ class MIEstimator(nn.Module):
         self.register_buffer("log_running_mean", torch.zeros((), dtype=torch.float32))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    @property
+    def first(self) -> nn.Linear:
+        """The first layer, on ``concat(z, onehot(g))``."""
+        layer = self.net[0]
+        assert isinstance(layer, nn.Linear)
+        return layer
+
     def extra_repr(self) -> str:
         return f"feature_dim={self.feature_dim}, num_groups={self.num_groups}, ema={self.ema}"
 
@@ -79,41 +85,73 @@ class MIEstimator(nn.Module):
             raise ValueError(
                 f"MIEstimator expects features [B, {self.feature_dim}]; got {tuple(z.shape)}"
             )
-        groups = torch.cat([g.reshape(-1) for g in group_sets])
-        if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= self.num_groups):
-            raise GroupRangeError(
-                f"group ids must lie in [0, {self.num_groups}); got "
-                f"{int(groups.min())}..{int(groups.max())}"
-            )
+        if group_sets:
+            check_group_range(torch.cat([g.reshape(-1) for g in group_sets]), self.num_groups)
 
     def _project(self, z: Tensor) -> Tensor:
         # The first layer on concat(z, onehot(g)) is W_z z + W_g[:, g] + b: the z part is
-        # shared by the joint and the marginal scores, so it is computed once.
-        first = self.net[0]
+        # shared by every group a row is scored with, so it is computed once per row.
+        first = self.first
         return F.linear(z.to(first.weight.dtype), first.weight[:, : self.feature_dim], first.bias)
 
+    def _group_rows(self) -> Tensor:
+        # W_g^T: row g is the first layer's response to onehot(g), i.e. W_g[:, g].
+        return self.first.weight[:, self.feature_dim :].t()
+
     def _head(self, hz: Tensor, groups: Tensor) -> Tensor:
-        group_weight = self.net[0].weight[:, self.feature_dim :]
-        onehot = F.one_hot(groups.long(), self.num_groups).to(group_weight.dtype)
-        return self.net[2](F.relu(hz + F.linear(onehot, group_weight))).float().reshape(-1)
+        # hz: [B, h]; groups: [k, B] -> scores [k, B] (one pass for all k group sets).
+        hidden = F.relu(hz.unsqueeze(0) + F.embedding(groups, self._group_rows()))
+        return self.net[2](hidden).float().squeeze(-1)
 
     def scores(self, z: Tensor, groups: Tensor) -> Tensor:
         """Return FloatTensor[B], the statistics network on ``(z, onehot(groups))``."""
         groups = groups.long().reshape(-1).to(z.device)
         self._check(z, groups)
         with _autocast_off(z.device.type):
-            return self._head(self._project(z), groups)
+            return self._head(self._project(z), groups.unsqueeze(0))[0]
 
     def scores_pair(
-        self, z: Tensor, groups: Tensor, marginal_groups: Tensor
+        self, z: Tensor, groups: Tensor, marginal_groups: Tensor, *, check_groups: bool = True
     ) -> tuple[Tensor, Tensor]:
-        """Return the scores of ``(z, groups)`` and of ``(z, marginal_groups)``, sharing W_z z."""
+        """Return the scores of ``(z, groups)`` and of ``(z, marginal_groups)``, sharing W_z z.
+
+        ``check_groups=False`` skips the range check (one host sync) for callers that
+        validated the groups already.
+        """
         groups = groups.long().reshape(-1).to(z.device)
         marginal_groups = marginal_groups.long().reshape(-1).to(z.device)
-        self._check(z, groups, marginal_groups)
+        if check_groups:
+            self._check(z, groups, marginal_groups)
+        elif z.dim() != 2 or z.shape[1] != self.feature_dim:
+            self._check(z)
         with _autocast_off(z.device.type):
-            hz = self._project(z)
-            return self._head(hz, groups), self._head(hz, marginal_groups)
+            both = self._head(self._project(z), torch.stack((groups, marginal_groups)))
+        return both[0], both[1]
+
+    @torch.no_grad()
+    def score_table(self, z: Tensor, max_elements: int = 1 << 24) -> Tensor:
+        """Return FloatTensor[N, |G|], T(z_i, g) for every row and every group.
+
+        A frozen critic's scores of fixed features are a lookup: MIU's engine builds
+        this table once per tuning phase for the cached original-model features.
+        Rows are processed in chunks of at most ``max_elements`` hidden activations.
+
+        Example:
+            >>> est = MIEstimator(feature_dim=3, num_groups=2, hidden=4)
+            >>> z = torch.randn(5, 3)
+            >>> table = est.score_table(z)
+            >>> torch.allclose(table[:, 1], est.scores(z, torch.ones(5, dtype=torch.long)))
+            True
+        """
+        self._check(z)
+        groups = torch.arange(self.num_groups, device=z.device)
+        chunk = max(1, max_elements // (self.num_groups * self.first.out_features))
+        out = []
+        with _autocast_off(z.device.type):
+            for part in z.float().split(chunk):
+                every = groups.unsqueeze(1).expand(-1, part.shape[0])
+                out.append(self._head(self._project(part), every).t())
+        return torch.cat(out) if out else z.new_zeros(0, self.num_groups)
 
     def sample_marginal(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` uniformly random group ids (on the generator's device)."""
@@ -128,6 +166,7 @@ class MIEstimator(nn.Module):
         *,
         generator: torch.Generator | None = None,
         update_ema: bool = True,
+        check_groups: bool = True,
     ) -> Tensor:
         """Return the DV lower bound (nats) on this batch as a differentiable scalar.
 
@@ -138,6 +177,8 @@ class MIEstimator(nn.Module):
             generator: Generator for the marginal draw.
             update_ema: Update the moving average with this batch (training calls);
                 ``False`` leaves the state untouched and uses the plain gradient.
+            check_groups: Validate the group ids (one host sync); callers that
+                validated them already pass ``False``.
 
         Returns:
             A scalar tensor.
@@ -145,24 +186,40 @@ class MIEstimator(nn.Module):
         z = z.float()
         if marginal_groups is None:
             marginal_groups = self.sample_marginal(z.shape[0], generator)
-        joint, marginal = self.scores_pair(z, groups, marginal_groups)
-        with _autocast_off(z.device.type):
+        joint, marginal = self.scores_pair(z, groups, marginal_groups, check_groups=check_groups)
+        return self.bound(joint, marginal, update_ema=update_ema)
+
+    def bound(self, joint: Tensor, marginal: Tensor, *, update_ema: bool = True) -> Tensor:
+        """The DV bound from this critic's joint and marginal scores (EMA as in ``forward``).
+
+        Example:
+            >>> est = MIEstimator(feature_dim=2, num_groups=2, hidden=4)
+            >>> float(est.bound(torch.ones(3), torch.zeros(3)))
+            1.0
+        """
+        with _autocast_off(joint.device.type):
+            marginal = marginal.float().reshape(-1)
             if not update_ema:
-                return joint.mean() - log_mean_exp(marginal)
-            self.update_running_mean(marginal.detach())
-            return joint.mean() - ema_log_mean_exp(marginal, self.log_running_mean)
+                return joint.float().mean() - log_mean_exp(marginal)
+            batch_lme = log_mean_exp(marginal.detach())
+            self._fold(batch_lme)
+            lme = ema_log_mean_exp(marginal, self.log_running_mean, batch_lme)
+            return joint.float().mean() - lme
 
     @torch.no_grad()
     def update_running_mean(self, marginal_scores: Tensor) -> None:
-        """Fold this batch's mean of exp(scores) into the moving average (log domain)."""
-        batch_lme = log_mean_exp(marginal_scores)
-        if not bool(self.initialized):
-            self.log_running_mean.copy_(batch_lme)
-            self.initialized.fill_(True)
-            return
+        """Fold this batch's mean of exp(scores) into the moving average (log domain).
+
+        The first batch initialises the average; the update is branch-free (no host sync).
+        """
+        self._fold(log_mean_exp(marginal_scores.float()))
+
+    @torch.no_grad()
+    def _fold(self, batch_lme: Tensor) -> None:
         a = self.ema
         mixed = torch.logaddexp(
             batch_lme + math.log(a),
             self.log_running_mean + (math.log1p(-a) if a < 1 else -math.inf),
         )
-        self.log_running_mean.copy_(mixed)
+        self.log_running_mean.copy_(torch.where(self.initialized, mixed, batch_lme))
+        self.initialized.fill_(True)

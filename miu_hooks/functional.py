@@ -7,6 +7,7 @@ that call these functions, so each quantity has one implementation.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from miu_hooks.errors import EmptyGroupError, GroupRangeError
 
 __all__ = [
     "calibration_loss",
+    "check_group_range",
     "checked_cross_entropy",
     "dv_bound",
     "ema_log_mean_exp",
@@ -72,10 +74,27 @@ def group_counts(groups: Tensor, num_groups: int) -> Tensor:
         [1, 0, 2]
     """
     groups = torch.as_tensor(groups).long().reshape(-1)
-    if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= num_groups):
-        bad = groups[(groups < 0) | (groups >= num_groups)][0]
-        raise GroupRangeError(f"group id {int(bad)} is outside [0, {num_groups})")
+    check_group_range(groups, num_groups)
     return torch.bincount(groups, minlength=num_groups)
+
+
+def check_group_range(groups: Tensor, num_groups: int) -> None:
+    """Raise :class:`GroupRangeError` unless every id lies in ``[0, num_groups)``.
+
+    One host sync, whatever the device.
+
+    Example:
+        >>> check_group_range(torch.tensor([0, 3]), 4)
+        >>> check_group_range(torch.tensor([0, 4]), 4)
+        Traceback (most recent call last):
+        ...
+        miu_hooks.errors.GroupRangeError: group id 4 is outside [0, 4)
+    """
+    if not groups.numel():
+        return
+    bad = (groups < 0) | (groups >= num_groups)
+    if bool(bad.any()):
+        raise GroupRangeError(f"group id {int(groups[bad][0])} is outside [0, {num_groups})")
 
 
 def group_weights(
@@ -142,18 +161,22 @@ class _EMALogMeanExp(torch.autograd.Function):
     """log-mean-exp whose gradient uses a running mean as the denominator (MINE)."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, log_running_mean: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, scores: Tensor, log_running_mean: Tensor, value: Tensor | None) -> Tensor:
         ctx.save_for_backward(scores, log_running_mean)
+        if value is not None:  # the caller's log-mean-exp of these scores
+            return value.clone()
         return torch.logsumexp(scores, 0) - math.log(scores.numel())
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
         scores, log_running_mean = ctx.saved_tensors
         grad = torch.exp(scores - log_running_mean) / scores.numel()
-        return grad_output * grad, None
+        return grad_output * grad, None, None
 
 
-def ema_log_mean_exp(scores: Tensor, log_running_mean: Tensor) -> Tensor:
+def ema_log_mean_exp(
+    scores: Tensor, log_running_mean: Tensor, value: Tensor | None = None
+) -> Tensor:
     r"""log-mean-exp of ``scores`` with MINE's bias-corrected gradient.
 
     The value is the plain :math:`\log \frac{1}{B}\sum_i e^{s_i}`; the gradient
@@ -164,6 +187,7 @@ def ema_log_mean_exp(scores: Tensor, log_running_mean: Tensor) -> Tensor:
     Args:
         scores: FloatTensor[B] of critic scores on marginal samples.
         log_running_mean: Scalar tensor, the log of the moving average m.
+        value: ``log_mean_exp(scores)`` when the caller has it already (not recomputed).
 
     Returns:
         A differentiable scalar.
@@ -174,7 +198,11 @@ def ema_log_mean_exp(scores: Tensor, log_running_mean: Tensor) -> Tensor:
         >>> s.grad.tolist()
         [0.125, 0.125, 0.125, 0.125]
     """
-    return _EMALogMeanExp.apply(scores.float().reshape(-1), log_running_mean.detach().float())
+    return _EMALogMeanExp.apply(
+        scores.float().reshape(-1),
+        log_running_mean.detach().float(),
+        None if value is None else value.detach().float(),
+    )
 
 
 def dv_bound(joint_scores: Tensor, marginal_scores: Tensor) -> Tensor:
@@ -217,9 +245,9 @@ def checked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
         0.6931
     """
     num_classes = logits.shape[-1]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+    bad = (labels < 0) | (labels >= num_classes)
+    if labels.numel() and bool(bad.any()):  # one host sync
         raise GroupRangeError(
-            f"label {int(bad)} is outside [0, {num_classes}) (the model's logits)"
+            f"label {int(labels[bad][0])} is outside [0, {num_classes}) (the model's logits)"
         )
     return F.cross_entropy(logits.float(), labels)

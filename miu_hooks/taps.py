@@ -109,7 +109,7 @@ def resolve_head(
                 return names[id(head)], head
     for attr in ("classifier", "fc", "head"):
         head = getattr(model, attr, None)
-        if _usable(head) and id(head) in names:
+        if isinstance(head, nn.Module) and _usable(head) and id(head) in names:
             return names[id(head)], head
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     want = num_classes if num_classes is not None else _num_labels(model)

@@ -72,10 +72,9 @@ class MIU(UnlearningMethod):
                 shuffle=False,
                 num_workers=cfg.num_workers,
             )
-            self.handle.build_feature_cache(
-                ctx.progress(loader, "caching original features"), len(ctx.train)
-            )  # type: ignore[arg-type]
-            logger.info("cached original-model features of %d samples", len(ctx.train))  # type: ignore[arg-type]
+            size = len(ctx.train)  # type: ignore[arg-type]
+            self.handle.build_feature_cache(ctx.progress(loader, "caching original features"), size)
+            logger.info("cached original-model features of %d samples", size)
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         handle = self.handle

@@ -122,7 +122,7 @@ def test_bad_shapes_and_groups():
     est = MIEstimator(2, 2, hidden=4)
     with pytest.raises(ValueError, match=r"features \[B, 2\]"):
         est(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"group ids must lie in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"group id 2 is outside \[0, 2\)"):
         est(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))
 
 
