@@ -63,7 +63,7 @@ class MIUCallback(TrainerCallback):
     Trainer's arguments rule optimisation (epochs, lr, batch size, accumulation,
     precision, ``max_grad_norm``, which also clips the forget steps); from
     ``config`` the callback uses ``forget_epochs``, ``mi_weight``, ``mine_*``,
-    ``ema``, ``reweight``, ``calibrate``, the column keys and ``seed`` (critic
+    ``ema``, ``reweight``, ``calibrate``, ``clip``, the column keys and ``seed`` (critic
     initialisation and marginal draws). Data order (the REWEIGHT draw, forget
     and tuning shuffles) follows ``TrainingArguments.data_seed`` or ``seed``.
 

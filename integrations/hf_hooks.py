@@ -8,7 +8,8 @@ wrapping or replacing it:
   the groups of a training forward;
 * a forward **hook** (``with_kwargs=True``) adds the scaled calibration term
   λ·(Î_u − sg Î_o)² to ``outputs.loss`` of that forward, reading the features
-  from the engine's tap on the classification head.
+  from the engine's tap on the classification head (with ``clip="adaptive"``
+  the term is scaled by MINE's factor against ``outputs.loss``).
 
 Both act only on training forwards (``module.training`` and grad enabled), so
 evaluation and prediction are untouched: no MI term and no estimator update.
@@ -215,7 +216,18 @@ class TrainerHooks:
         labels = labels if isinstance(labels, Tensor) else None
         term = self.penalty(self.model_inputs(args, kwargs), labels, groups)
         scale = self.scale(loss, _logits_of(output), labels, kwargs.get("num_items_in_batch"))
-        return replace_loss(output, loss + scale * term.to(loss.dtype))
+        return replace_loss(output, self.combine(loss, scale * term.to(loss.dtype)))
+
+    def combine(self, loss: Tensor, term: Tensor) -> Tensor:
+        """``loss + term`` through :meth:`MIUHandle.retain_objective` (adaptive clipping).
+
+        ``loss`` is the model's (or the parent ``compute_loss``'s) task loss and
+        ``term`` the MI term with the same gradient-accumulation scaling, so
+        MINE's ratio ‖∇loss‖/‖∇term‖ is that of the per-batch means.
+        """
+        if self.handle is None:
+            raise RuntimeError("MIUCallback hooks have no MIU handle yet (on_train_begin not run)")
+        return self.handle.retain_objective(loss, term)
 
     def scale(
         self, loss: Tensor, logits: Tensor | None, labels: Tensor | None, num_items: Any

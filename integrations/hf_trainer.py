@@ -146,7 +146,7 @@ class MIUTrainerMixin(_TrainerBase):
         if num_items_in_batch is not None and not self._ga_divides(num_items_in_batch):
             n_local = count_items(labels if isinstance(labels, Tensor) else None, len(groups))
             scale = n_local / float(num_items_in_batch)
-        loss = loss + scale * term.to(loss.dtype)
+        loss = hooks.combine(loss, scale * term.to(loss.dtype))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

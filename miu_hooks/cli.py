@@ -109,7 +109,7 @@ class _Group(click.Group):
 # Options that set the MIUConfig field of the same name (when given).
 _CONFIG_FIELDS = (
     "epochs", "forget_epochs", "lr", "mi_weight", "batch_size", "precision", "device", "seed",
-    "mine_lr", "weight_decay", "optimizer", "scheduler", "max_grad_norm", "reweight",
+    "mine_lr", "weight_decay", "optimizer", "scheduler", "max_grad_norm", "clip", "reweight",
     "num_sensitive",
 )  # fmt: skip
 
@@ -230,6 +230,11 @@ _PATH = click.Path(dir_okay=True, path_type=str)
 @_opt("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Model optimiser.")
 @_opt("--scheduler", type=click.Choice(["cosine", "constant"]), help="LR schedule.")
 @_opt("--max-grad-norm", type=float, help="Clip the gradient norm (default: off).")
+@_opt(
+    "--clip",
+    type=click.Choice(["norm", "adaptive"]),
+    help="Retain-step clipping: norm (max-grad-norm only) or adaptive (MINE) [norm].",
+)
 @_opt("--reweight/--no-reweight", default=None, help="REWEIGHT retain sampling.")
 @_opt("--feature-module", help="Dotted name of the classification head.")
 @_opt("--id-column", default="id", help="Id column of the forget CSV.")

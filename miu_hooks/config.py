@@ -14,6 +14,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "constant"]
 Optimizer = Literal["sgd", "adamw"]
 FeatureCache = Literal["auto", "on", "off"]
+Clip = Literal["norm", "adaptive"]
 
 
 def _fail(name: str, value: Any, fix: str) -> None:
@@ -47,6 +48,12 @@ class MIUConfig:
         calibrate: Add the calibration term on retain batches (MIU's retain loss).
         max_grad_norm: Clip the model's global gradient norm in forget and retain
             steps; ``None`` disables clipping.
+        clip: ``"norm"``: only ``max_grad_norm`` clips. ``"adaptive"``: MINE's rule
+            on retain steps, g = g_CE + min(1, ‖g_CE‖/‖g_cal‖)·g_cal (METHOD.md
+            §8.1), at the cost of two extra backward passes per retain step;
+            ``max_grad_norm``, when set, still clips the combined gradient.
+            Forget steps have no CE term and are unchanged. Not available with
+            sharded models (FSDP, DeepSpeed).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for the model; the
             critics and MI arithmetic always run in fp32.
         device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
@@ -59,6 +66,12 @@ class MIUConfig:
         tune_original_on: Features that tune the original model's critic:
             ``"original"`` (our fix) or ``"unlearned"`` (the reference's behaviour).
         restore_batchnorm: Snapshot and restore BatchNorm buffers around critic tuning.
+        critic_init: ``"shared"`` (default) starts T_u and T_o from the same weights,
+            so while z_u equals z_o the two critics, tuned on the same batches, give
+            the same estimate and the calibration term measures only how the
+            features moved; ``"independent"`` draws them separately, as the
+            reference does (their different tuning progress then enters
+            Î_u − Î_o as bias).
         num_workers: DataLoader workers.
         input_key: Key of the inputs in mapping items (``None``: first of
             ``pixel_values``, ``input``, ``inputs``, ``x``).
@@ -93,6 +106,7 @@ class MIUConfig:
     reweight: bool = True
     calibrate: bool = True
     max_grad_norm: float | None = None
+    clip: Clip = "norm"
     precision: Precision = "fp32"
     device: str = "auto"
     seed: int = 0
@@ -100,6 +114,7 @@ class MIUConfig:
     original_mode: Literal["eval", "train"] = "eval"
     tune_original_on: Literal["original", "unlearned"] = "original"
     restore_batchnorm: bool = True
+    critic_init: Literal["shared", "independent"] = "shared"
     num_workers: int = 0
     input_key: str | None = None
     label_key: str | None = None
@@ -140,6 +155,8 @@ class MIUConfig:
             "feature_cache": ("auto", "on", "off"),
             "original_mode": ("eval", "train"),
             "tune_original_on": ("original", "unlearned"),
+            "clip": ("norm", "adaptive"),
+            "critic_init": ("shared", "independent"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -6,12 +6,15 @@ callback and the Accelerate integration all drive this one handle:
 
 * :meth:`MIUHandle.epoch_start` tunes both critics, then runs the forget pass
   while ``epoch < forget_epochs`` (METHOD.md §3.3 steps 1-2);
-* :meth:`MIUHandle.retain_loss` is CE + λ·(Î_u − sg Î_o)² on a retain batch (step 3).
+* :meth:`MIUHandle.retain_loss` is CE + λ·(Î_u − sg Î_o)² on a retain batch (step 3);
+  with ``clip="adaptive"`` the calibration term is scaled by MINE's factor
+  (:meth:`MIUHandle.retain_objective`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -20,11 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from miu_hooks.clipping import adaptive_calibration_scale
 from miu_hooks.config import MIUConfig
 from miu_hooks.data import Batch, forward_logits, split_batch
 from miu_hooks.errors import NonFiniteLossError
 from miu_hooks.estimators import MIEstimator
-from miu_hooks.functional import calibration_loss, checked_cross_entropy
+from miu_hooks.functional import calibration_loss, check_group_range, checked_cross_entropy
 from miu_hooks.reference import load_original
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
@@ -113,6 +117,11 @@ class MIUHandle:
         self.config = config
         self.num_groups = int(num_groups)
         self.runtime = runtime or LocalRuntime(resolve_device(config.device), config.precision)
+        if config.clip == "adaptive" and getattr(self.runtime, "sharded", False):
+            raise ValueError(
+                "MIUConfig.clip='adaptive' needs full per-parameter gradients, which sharded "
+                "models (FSDP, DeepSpeed, Megatron) do not expose; use clip='norm'"
+            )
         self.original = original.to(self.runtime.device)
         self.tap = FeatureTap(self.model, feature_module, when=tap_when)  # type: ignore[arg-type]
         try:
@@ -127,6 +136,8 @@ class MIUHandle:
         self.generator = torch.Generator()
         self.generator.manual_seed(config.seed + 7919)
         self.feature_cache: Tensor | None = None
+        # T_o(z_o_i, g) for every cached sample and group; valid until T_o changes.
+        self._original_scores: Tensor | None = None
         self.epoch = 0
         self.counters = {"tune": 0, "forget": 0, "retain": 0}
         self.logs: dict[str, list[Tensor]] = {}
@@ -141,7 +152,10 @@ class MIUHandle:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             crit_u = MIEstimator(feature_dim, self.num_groups, cfg.mine_hidden, cfg.ema)
-            crit_o = MIEstimator(feature_dim, self.num_groups, cfg.mine_hidden, cfg.ema)
+            if cfg.critic_init == "shared":  # equal estimates while z_u == z_o
+                crit_o = copy.deepcopy(crit_u)
+            else:
+                crit_o = MIEstimator(feature_dim, self.num_groups, cfg.mine_hidden, cfg.ema)
         self.critic_model = crit_u.to(self.runtime.device).requires_grad_(False)
         self.critic_original = crit_o.to(self.runtime.device).requires_grad_(False)
         self.opt_critic_model = torch.optim.SGD(crit_u.parameters(), lr=cfg.mine_lr, momentum=0.9)
@@ -189,6 +203,7 @@ class MIUHandle:
         """
         cache: Tensor | None = None
         self.feature_cache = None
+        self._original_scores = None
         for raw in loader:
             batch = self.split(raw)
             assert batch.index is not None, "feature cache needs indexed batches"
@@ -219,20 +234,51 @@ class MIUHandle:
     def _marginal(self, n: int, device: torch.device) -> Tensor:
         return torch.randint(0, self.num_groups, (n,), generator=self.generator).to(device)
 
+    def _mi_model(self, z_model: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Î_u on the (global) batch; returns it with the gathered groups and the g̃ drawn."""
+        rt = self.runtime
+        z_model = rt.gather(z_model)
+        groups = rt.gather(groups).long().reshape(-1)
+        check_group_range(groups, self.num_groups)  # once for both critics
+        crit_u, _ = self._critics(z_model)
+        marginal = self._marginal(z_model.shape[0], z_model.device)
+        return crit_u(z_model, groups, marginal, check_groups=False), groups, marginal
+
     def mi_pair(
         self, z_model: Tensor, z_original: Tensor | None, groups: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """Estimate Î_u and Î_o on the (global) batch with the same marginal groups."""
-        rt = self.runtime
-        z_model = rt.gather(z_model)
-        groups = rt.gather(groups)
-        crit_u, crit_o = self._critics(z_model)
-        marginal = self._marginal(z_model.shape[0], z_model.device)
-        mi_u = crit_u(z_model, groups, marginal)
-        mi_o = None
-        if z_original is not None:
-            mi_o = crit_o(rt.gather(z_original.detach()), groups, marginal)
-        return mi_u, mi_o
+        mi_u, groups, marginal = self._mi_model(z_model, groups)
+        if z_original is None:
+            return mi_u, None
+        assert self.critic_original is not None
+        z_original = self.runtime.gather(z_original.detach())
+        return mi_u, self.critic_original(z_original, groups, marginal, check_groups=False)
+
+    def _cached_original_rows(self, batch: Batch) -> Tensor | None:
+        """T_o's scores of this batch's cached z_o for every group, or ``None``.
+
+        With the feature cache, z_o is fixed and T_o only changes while tuning, so
+        its scores are a table lookup until the next tuning step (the values of a
+        forward, without running the critic at every retain step).
+        """
+        if self.feature_cache is None or batch.index is None or self.critic_original is None:
+            return None
+        if self._original_scores is None:
+            self._original_scores = self.critic_original.score_table(self.feature_cache)
+        table = self._original_scores
+        return table[batch.index.to(table.device)].to(self.runtime.device)
+
+    def _mi_pair_cached(
+        self, z_model: Tensor, rows: Tensor, groups: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`mi_pair` with Î_o read from T_o's score table (same marginal groups)."""
+        mi_u, groups, marginal = self._mi_model(z_model, groups)
+        rows = self.runtime.gather(rows)
+        assert self.critic_original is not None
+        joint = rows.gather(1, groups.unsqueeze(1)).squeeze(1)
+        marg = rows.gather(1, marginal.unsqueeze(1)).squeeze(1)
+        return mi_u, self.critic_original.bound(joint, marg)
 
     # -- the three steps ---------------------------------------------------------------
     def tune(self, batches: Iterator[Any], steps: int) -> None:
@@ -272,6 +318,7 @@ class MIUHandle:
         loss.backward()
         self.opt_critic_model.step()
         self.opt_critic_original.step()
+        self._original_scores = None  # T_o changed
         self.counters["tune"] += 1
         self._log("miu/tune_mi_model", mi_u)
         self._log("miu/tune_mi_original", mi_o)
@@ -285,26 +332,67 @@ class MIUHandle:
 
     def retain_penalty(self, z_model: Tensor, batch: Batch) -> Tensor:
         """λ·(Î_u − sg Î_o)² on a retain batch, both with the same marginal groups."""
-        z_original = self.original_features(batch)
-        mi_u, mi_o = self.mi_pair(z_model, z_original, batch.groups)
+        cal = self._calibration(z_model, batch)
+        self.check_finite(cal, "retain", "calibration")
+        return self.config.mi_weight * cal
+
+    def _calibration(self, z_model: Tensor, batch: Batch) -> Tensor:
+        rows = self._cached_original_rows(batch)
+        if rows is not None:
+            mi_u, mi_o = self._mi_pair_cached(z_model, rows, batch.groups)
+        else:
+            mi_u, mi_o = self.mi_pair(z_model, self.original_features(batch), batch.groups)
         assert mi_o is not None
         cal = calibration_loss(mi_u, mi_o)
-        self.check_finite(cal, "retain", "calibration")
         self._log("miu/mi_model", mi_u)
         self._log("miu/mi_original", mi_o)
         self._log("miu/calibration", cal)
-        return self.config.mi_weight * cal
+        return cal
 
     def retain_loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        """MIU's retain loss: CE(logits, y) + λ·(Î_u − sg Î_o)² (the tap's features)."""
+        """MIU's retain loss: CE(logits, y) + λ·(Î_u − sg Î_o)² (the tap's features).
+
+        Under ``clip="adaptive"`` the calibration term is scaled by MINE's factor
+        (:meth:`retain_objective`).
+        """
         ce = checked_cross_entropy(logits, batch.labels)
-        self.check_finite(ce, "retain", "cross-entropy")
         z_model = self.tap.pop()
         if not (self.enabled and self.config.calibrate and self.config.mi_weight > 0):
+            self.check_finite(ce, "retain", "cross-entropy")
             return ce
-        loss = ce + self.retain_penalty(z_model, batch)
+        cal = self._calibration(z_model, batch)
+        loss = self.retain_objective(ce, self.config.mi_weight * cal)
+        if not bool(torch.isfinite(loss.detach())):  # one sync; name the term on failure
+            self.check_finite(ce, "retain", "cross-entropy")
+            self.check_finite(cal, "retain", "calibration")
+            self.check_finite(loss, "retain", "CE + λ·calibration")
         self._log("miu/ce", ce)
         return loss
+
+    def retain_objective(self, ce: Tensor, term: Tensor) -> Tensor:
+        """Combine the task loss and the weighted calibration term of a retain batch.
+
+        With ``config.clip == "norm"`` this is ``ce + term``. With ``"adaptive"``
+        it is ``ce + s·term``, where s = min(1, ‖∇ce‖/‖∇term‖) over the model's
+        trainable parameters is detached and logged as ``miu/adaptive_scale``
+        (:func:`~miu_hooks.clipping.adaptive_calibration_scale`; two extra
+        backward passes, squared norms averaged over processes). Its gradient
+        is MINE's g_CE + min(1, ‖g_CE‖/‖g_cal‖)·g_cal (METHOD.md §8.1).
+
+        Args:
+            ce: Scalar task loss of the batch (with its graph).
+            term: Scalar λ·(Î_u − sg Î_o)², weighted as it enters the loss.
+
+        Returns:
+            The scalar retain loss.
+        """
+        if self.config.clip != "adaptive":
+            return ce + term
+        scale = adaptive_calibration_scale(
+            ce, term, self.model.parameters(), all_reduce=self.runtime.all_reduce_mean
+        )
+        self._log("miu/adaptive_scale", scale)
+        return ce + scale * term
 
     def forget_pass(self, loader: Iterable[Any], optimizer: torch.optim.Optimizer) -> None:
         """One pass over the forget loader minimising Î_u (METHOD §3.3 step 2)."""
@@ -380,6 +468,7 @@ class MIUHandle:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore :meth:`state_dict`'s output (critics are built if needed)."""
+        self._original_scores = None
         self.generator.set_state(state["generator"].to(torch.uint8).cpu())
         self.epoch = int(state["epoch"])
         for key in self.counters:

@@ -189,6 +189,16 @@ def test_arch_run_writes_the_output_folder(ws: Workspace, tmp_path: Path) -> Non
     assert "| original |" in md and "| unlearned |" in md and "g3 (y=1, s=1)" in md
 
 
+def test_clip_option_reaches_the_config(ws: Workspace, tmp_path: Path) -> None:
+    res = run_runner(ws.args(tmp_path / "out", "--clip", "adaptive", "-q"))
+    assert res.code == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["clip"] == "adaptive"
+    res = run_runner(ws.args(tmp_path / "bad", "--clip", "bogus"))
+    assert res.code == 2 and "--clip" in res.stderr and "adaptive" in res.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_run_without_test_set_reports_retain_metrics(ws: Workspace, tmp_path: Path) -> None:
     args = ws.args(tmp_path / "out", "-q")
     drop = args.index("--test")

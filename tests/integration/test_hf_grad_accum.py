@@ -86,8 +86,15 @@ def first_update(tmp_path, *, ga: int, batch: int, route: str, mi_weight: float 
         logging_strategy="no",
         remove_unused_columns=False,
     )
+    # Independent critics disagree from the first step, so the MI term is non-zero
+    # without a forget pass (shared critics agree exactly until the features move).
     cfg = MIUConfig(
-        mi_weight=mi_weight, forget_epochs=0, mine_warmup_iters=0, mine_hidden=16, num_sensitive=2
+        mi_weight=mi_weight,
+        forget_epochs=0,
+        mine_warmup_iters=0,
+        mine_hidden=16,
+        num_sensitive=2,
+        critic_init="independent",
     )
     common = dict(model=model, args=args, train_dataset=retain)
     if route == "callback":
@@ -200,3 +207,64 @@ def test_forget_steps_use_the_trainers_fp16_scaler():
     assert runtime.precision == "fp16" and runtime.scaler is not None
     assert scaled_norm == pytest.approx(norm) and norm > 0.5  # unscaled before clipping
     assert torch.allclose(scaled, plain)
+
+
+@pytest.mark.parametrize("route", ["callback", "mixin"])
+def test_adaptive_clip_scales_the_term_in_the_trainer_loss(tmp_path, route):
+    """With clip="adaptive" each step's loss is CE + s * lambda * calibration, MINE's s < 1."""
+    retain, forget = data()
+    torch.manual_seed(0)
+    model = ViT(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=4,
+            num_labels=2,
+        )
+    )
+    seen = []
+    probe = model.register_forward_hook(  # placed before MIU's hook: the model's own CE
+        lambda m, a, out: seen.append(float(out.loss.detach())) if out.loss is not None else None
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=B,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        remove_unused_columns=False,
+    )
+    lam = 1e4  # large enough that the calibration gradient dominates the CE gradient
+    cfg = MIUConfig(
+        mi_weight=lam,
+        forget_epochs=0,
+        mine_warmup_iters=2,
+        mine_hidden=16,
+        clip="adaptive",
+        critic_init="independent",  # a non-zero term from the first step
+    )
+    common = dict(model=model, args=args, train_dataset=retain)
+    if route == "callback":
+        callback = MIUCallback(forget, config=cfg, num_groups=4)
+        trainer = Trainer(**common, callbacks=[callback])
+    else:
+        trainer = MIUTrainer(**common, forget_dataset=forget, miu_config=cfg, num_groups=4)
+        callback = trainer.miu
+    trainer.train()
+    probe.remove()
+    callback.remove()
+    records = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(records) == len(seen) == 3
+    for ce, rec in zip(seen, records, strict=True):
+        s, term = rec["miu/adaptive_scale"], lam * rec["miu/calibration"]
+        assert 0.0 < s <= 1.0
+        assert rec["loss"] == pytest.approx(ce + s * term, rel=1e-3, abs=1e-4)
+    clipped = [r for r in records if r["miu/adaptive_scale"] < 0.5]
+    assert clipped  # the rule acted: the unscaled term would give a clearly larger loss
+    assert all((1 - r["miu/adaptive_scale"]) * lam * r["miu/calibration"] > 1e-2 for r in clipped)

@@ -303,3 +303,44 @@ def test_nan_in_mi_estimate_is_named():
         model[0].weight[0, 0] = math.nan
     with pytest.raises(NonFiniteLossError, match="critic tuning"):
         unlearn(model, retain, forget, config=CFG, num_groups=4)
+
+
+def test_original_score_table_tracks_tuning():
+    """Î_o from T_o's score table equals a T_o forward, before and after more tuning."""
+    from miu_hooks.data import IndexedDataset
+
+    full, _, _ = _data()
+    model = _net()
+    with attach(model, CFG, num_groups=4) as handle:
+        loader = torch.utils.data.DataLoader(IndexedDataset(full), batch_size=32)
+        handle.build_feature_cache(loader, len(full))
+        batch = split_batch(next(iter(loader)))
+        plain = split_batch((batch.inputs, batch.labels, batch.groups))  # no index: a forward
+        z = model[:-1](batch.inputs).detach()
+        for round_ in range(2):
+            handle.tune(iter(list(loader) * 4), 8)
+            values = []
+            for b in (batch, plain):
+                gen, ema = handle.generator.get_state(), handle.critic_original.state_dict()
+                values.append(handle.retain_penalty(z, b))
+                handle.generator.set_state(gen)
+                handle.critic_original.load_state_dict(ema)
+            assert handle._original_scores is not None, round_
+            assert torch.allclose(values[0], values[1], rtol=1e-5, atol=1e-7), round_
+
+
+@pytest.mark.parametrize("init", ["shared", "independent"])
+def test_shared_critic_init_gives_zero_calibration_before_features_move(init):
+    """With z_u == z_o, shared critics tuned together agree exactly; independent ones do not."""
+    full, _, _ = _data()
+    model = _net()
+    with attach(model, CFG.replace(critic_init=init), num_groups=4) as handle:
+        loader = torch.utils.data.DataLoader(full, batch_size=32)
+        handle.tune(iter(list(loader) * 4), 10)
+        batch = split_batch(next(iter(loader)))
+        z = model[:-1](batch.inputs).detach()
+        mi_u, mi_o = handle.mi_pair(z, handle.original_features(batch), batch.groups)
+    if init == "shared":
+        assert float(mi_u) == float(mi_o)
+    else:
+        assert abs(float(mi_u) - float(mi_o)) > 1e-6
