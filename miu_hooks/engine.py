@@ -338,6 +338,7 @@ class MIUHandle:
 
     def _calibration(self, z_model: Tensor, batch: Batch) -> Tensor:
         rows = self._cached_original_rows(batch)
+        mi_o: Tensor | None
         if rows is not None:
             mi_u, mi_o = self._mi_pair_cached(z_model, rows, batch.groups)
         else:

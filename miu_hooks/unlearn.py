@@ -96,11 +96,19 @@ def _loaders(
         )
     else:
         retain_sampler = ShuffleSampler(len(retain_groups), seed=cfg.seed)
-    common = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
+    bs, nw = cfg.batch_size, cfg.num_workers
+    n_forget, n_train = len(forget), len(train)  # type: ignore[arg-type]
     return (
-        SeededLoader(indexed(retain), sampler=retain_sampler, **common),
-        SeededLoader(forget, sampler=ShuffleSampler(len(forget), cfg.seed + 1), **common),  # type: ignore[arg-type]
-        SeededLoader(indexed(train), sampler=ShuffleSampler(len(train), cfg.seed + 2), **common),  # type: ignore[arg-type]
+        SeededLoader(indexed(retain), sampler=retain_sampler, batch_size=bs, num_workers=nw),
+        SeededLoader(
+            forget, sampler=ShuffleSampler(n_forget, cfg.seed + 1), batch_size=bs, num_workers=nw
+        ),
+        SeededLoader(
+            indexed(train),
+            sampler=ShuffleSampler(n_train, cfg.seed + 2),
+            batch_size=bs,
+            num_workers=nw,
+        ),
     )
 
 
@@ -232,7 +240,7 @@ def unlearn(
     if method_cls.needs_original:
         frozen = resolve_original(model, original).to(rt.device)
 
-    train = ConcatDataset([retain, forget])
+    train: ConcatDataset[Any] = ConcatDataset([retain, forget])
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
