@@ -54,6 +54,11 @@ class MIU(UnlearningMethod):
 
     def setup(self, ctx: RunContext) -> None:
         cfg = ctx.config
+        if not cfg.reweight:
+            logger.warning(
+                "MIU without REWEIGHT (config.reweight=False): the paper's ablate_rw setting; "
+                "MIU samples the retain set with REWEIGHT by default"
+            )
         self.handle = attach(
             ctx.model,
             cfg,
