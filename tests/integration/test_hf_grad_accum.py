@@ -53,10 +53,9 @@ def data():
     return as_trainer_dataset(retain), as_trainer_dataset(forget)
 
 
-def first_update(tmp_path, *, ga: int, batch: int, route: str, mi_weight: float = 50.0):
-    retain, forget = data()
-    torch.manual_seed(0)
-    model = ViT(
+def tiny_vit():
+    """A one-layer ViT for 8x8 inputs (random init; seed set by the caller)."""
+    return ViT(
         ViTConfig(
             hidden_size=32,
             num_hidden_layers=1,
@@ -67,6 +66,12 @@ def first_update(tmp_path, *, ga: int, batch: int, route: str, mi_weight: float 
             num_labels=2,
         )
     )
+
+
+def first_update(tmp_path, *, ga: int, batch: int, route: str, mi_weight: float = 50.0):
+    retain, forget = data()
+    torch.manual_seed(0)
+    model = tiny_vit()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     args = TrainingArguments(
         output_dir=str(tmp_path / f"{route}_{ga}_{batch}_{mi_weight}"),
@@ -136,17 +141,7 @@ def test_bf16_mixed_precision_keeps_the_loss_relation(tmp_path):
     """Under the Trainer's bf16 autocast the term still equals lambda * calibration, in fp32."""
     retain, forget = data()
     torch.manual_seed(0)
-    model = ViT(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=8,
-            patch_size=4,
-            num_labels=2,
-        )
-    )
+    model = tiny_vit()
     seen = []
     probe = model.register_forward_hook(
         lambda m, a, out: seen.append(out.loss.detach()) if out.loss is not None else None
@@ -214,17 +209,7 @@ def test_adaptive_clip_scales_the_term_in_the_trainer_loss(tmp_path, route):
     """With clip="adaptive" each step's loss is CE + s * lambda * calibration, MINE's s < 1."""
     retain, forget = data()
     torch.manual_seed(0)
-    model = ViT(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=8,
-            patch_size=4,
-            num_labels=2,
-        )
-    )
+    model = tiny_vit()
     seen = []
     probe = model.register_forward_hook(  # placed before MIU's hook: the model's own CE
         lambda m, a, out: seen.append(float(out.loss.detach())) if out.loss is not None else None

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from toy_problem import toy_net, toy_split
 
 from miu_hooks import MIUConfig, attach, unlearn
 from miu_hooks.clipping import adaptive_calibration_scale
@@ -92,28 +92,16 @@ def test_squared_norms_go_through_all_reduce():
     assert float(s) == pytest.approx(0.5 * float(g_ce.norm() / g_cal.norm()), rel=1e-5)
 
 
-def _data(n=96, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=gen)
-    s = torch.randint(0, 2, (n,), generator=gen)
-    x = torch.randn(n, 5, generator=gen) + y[:, None] + 0.5 * s[:, None]
-    g = s + 2 * y
-    forget_mask = (g == 3) & (torch.rand(n, generator=gen) < 0.5)
-    retain = TensorDataset(x[~forget_mask], y[~forget_mask], g[~forget_mask])
-    forget = TensorDataset(x[forget_mask], y[forget_mask], g[forget_mask])
+def _data():
+    _, retain, forget = toy_split()
     return retain, forget
-
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2))
 
 
 def _run(clip: str):
     retain, forget = _data()
     logs: list[dict[str, float]] = []
     model = unlearn(
-        _net(),
+        toy_net(),
         retain,
         forget,
         config=CFG.replace(clip=clip),
@@ -138,7 +126,7 @@ def test_unlearn_adaptive_runs_and_differs_from_norm():
 
 def test_retain_loss_is_ce_plus_scaled_term():
     retain, _ = _data()
-    net = _net()
+    net = toy_net()
     # untrained critics give a tiny calibration term: a large λ makes its gradient dominate
     cfg = CFG.replace(clip="adaptive", mi_weight=1e4)
     batch = split_batch(retain[:32])
@@ -156,8 +144,8 @@ def test_sharded_runtime_is_rejected():
     runtime = LocalRuntime(torch.device("cpu"))
     runtime.sharded = True  # type: ignore[attr-defined]  # as AccelerateRuntime under FSDP
     with pytest.raises(ValueError, match=r"clip='adaptive'.*sharded"):
-        attach(_net(), CFG.replace(clip="adaptive"), num_groups=4, runtime=runtime)
-    attach(_net(), CFG, num_groups=4, runtime=runtime).remove()  # clip="norm" is fine
+        attach(toy_net(), CFG.replace(clip="adaptive"), num_groups=4, runtime=runtime)
+    attach(toy_net(), CFG, num_groups=4, runtime=runtime).remove()  # clip="norm" is fine
 
 
 def test_config_validates_clip():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+from toy_problem import toy_net, toy_split
 
 from miu_hooks import (
     EmptyForgetSetError,
@@ -32,25 +33,7 @@ CFG = MIUConfig(
 )
 
 
-def _data(n=96, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=gen)
-    s = torch.randint(0, 2, (n,), generator=gen)
-    x = torch.randn(n, 5, generator=gen) + y[:, None] + 0.5 * s[:, None]
-    g = s + 2 * y
-    forget_mask = (g == 3) & (torch.rand(n, generator=gen) < 0.5)
-    full = TensorDataset(x, y, g)
-    retain = TensorDataset(x[~forget_mask], y[~forget_mask], g[~forget_mask])
-    forget = TensorDataset(x[forget_mask], y[forget_mask], g[forget_mask])
-    return full, retain, forget
-
-
-def _net(bn=False):
-    torch.manual_seed(0)
-    layers = (
-        [nn.Linear(5, 12)] + ([nn.BatchNorm1d(12)] if bn else []) + [nn.ReLU(), nn.Linear(12, 2)]
-    )
-    return nn.Sequential(*layers)
+_data, _net = toy_split, toy_net
 
 
 def _hooks(model):
