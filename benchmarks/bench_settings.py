@@ -28,7 +28,7 @@ METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("scrub_reweight", "scrub_reweight", {}),
     ("miu", "miu", {"reweight": True}),  # METHOD §2: MIU always samples with REWEIGHT
     ("miu_no_reweight", "miu", {"reweight": False}),  # ablations (--ablation)
-    ("miu_independent_critics", "miu", {"critic_init": "independent"}),
+    ("miu_independent_critics", "miu", {"reweight": True, "critic_init": "independent"}),
 )
 ABLATION_ROWS = ("miu_no_reweight", "miu_independent_critics")
 DEFAULT_ROWS = tuple(row for row, _, _ in METHODS if row not in ABLATION_ROWS)
