@@ -162,6 +162,11 @@ def notes(rows: list[dict[str, Any]], s: Settings) -> list[str]:
         f"{cfg.mine_hidden} wide, mine_lr {cfg.mine_lr}, {cfg.mine_warmup_iters}/"
         f"{cfg.mine_iters} tuning steps, critic_init={cfg.critic_init!r}, "
         f"max_grad_norm={cfg.max_grad_norm}, clip={cfg.clip!r}.",
+        *(["- Rows `miu_*` are ablations of MIU, never used for a verdict: without REWEIGHT "
+           "(`miu_no_reweight`, the paper's ablate_rw), with independently initialised critics "
+           "(`critic_init='independent'`, the reference's behaviour), and with λ = 10 (METHOD.md "
+           "§4's CelebA/Waterbirds r = 0.5 value) with shared and independent critics."]
+          if any(r["method"].startswith("miu_") for r in rows) else []),
         "- Wall times are for one process with one torch thread on a shared machine; compare "
         "ratios within a row, not absolute seconds across runs.",
     ]  # fmt: skip

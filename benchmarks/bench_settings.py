@@ -29,8 +29,12 @@ METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("miu", "miu", {"reweight": True}),  # METHOD §2: MIU always samples with REWEIGHT
     ("miu_no_reweight", "miu", {"reweight": False}),  # ablations (--ablation)
     ("miu_independent_critics", "miu", {"reweight": True, "critic_init": "independent"}),
-)
-ABLATION_ROWS = ("miu_no_reweight", "miu_independent_critics")
+    ("miu_lambda10", "miu", {"reweight": True, "mi_weight": 10.0}),  # METHOD §4's r=0.5 λ
+    ("miu_lambda10_independent", "miu",
+     {"reweight": True, "mi_weight": 10.0, "critic_init": "independent"}),
+)  # fmt: skip
+ABLATION_ROWS = ("miu_no_reweight", "miu_independent_critics", "miu_lambda10",
+                 "miu_lambda10_independent")  # fmt: skip
 DEFAULT_ROWS = tuple(row for row, _, _ in METHODS if row not in ABLATION_ROWS)
 METRICS = (*GAP_METRICS[:4], "MIA_AUC", "EO", "GA", "worst_group")
 

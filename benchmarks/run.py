@@ -51,7 +51,8 @@ import miu_hooks
 from miu_hooks import unlearn
 from miu_hooks.datasets import ColoredSplits, forget_split, subset
 from miu_hooks.errors import DataError, NonFiniteLossError
-from miu_hooks.metrics import avg_gap, evaluate, tow
+from miu_hooks.evaluation import evaluate
+from miu_hooks.metrics import avg_gap, tow
 
 logger = logging.getLogger("benchmark")
 HERE = Path(__file__).resolve().parent

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         NonFiniteLossError,
     )
     from miu_hooks.estimators import MIEstimator
+    from miu_hooks.evaluation import Report, evaluate
     from miu_hooks.functional import (
         calibration_loss,
         dv_bound,
@@ -46,7 +47,6 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         log_mean_exp,
     )
     from miu_hooks.methods import available_methods, register_method
-    from miu_hooks.metrics import Report, evaluate
     from miu_hooks.reference import load_original, load_weights, save_weights
     from miu_hooks.runtime import LocalRuntime, Runtime
     from miu_hooks.sampling import GroupReweightSampler, ResampledView
@@ -115,7 +115,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "group_weights", "log_mean_exp",
     ),
     "methods": ("available_methods", "register_method"),
-    "metrics": ("Report", "evaluate"),
+    "evaluation": ("Report", "evaluate"),
     "reference": ("load_original", "load_weights", "save_weights"),
     "runtime": ("LocalRuntime", "Runtime"),
     "sampling": ("GroupReweightSampler", "ResampledView"),

@@ -176,7 +176,7 @@ def _counts_markdown(report: Mapping[str, Any]) -> str:
 
 def render_markdown(report: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
     """Return ``report.md``: summary, metrics, per-group accuracy before/after, counts."""
-    from miu_hooks.metrics import format_table
+    from miu_hooks.evaluation import format_table
 
     models = report["models"]
     refs = {k: models[k] for k in report["references"]}

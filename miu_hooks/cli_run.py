@@ -42,7 +42,8 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.data import forward_logits, split_batch
 from miu_hooks.datasets import GroupTensorDataset, subset
 from miu_hooks.errors import CheckpointError
-from miu_hooks.metrics import accuracy, avg_gap, evaluate, per_group_accuracy, tow
+from miu_hooks.evaluation import evaluate
+from miu_hooks.metrics import accuracy, avg_gap, per_group_accuracy, tow
 from miu_hooks.reference import save_weights
 from miu_hooks.runtime import resolve_device
 from miu_hooks.unlearn import unlearn
@@ -107,7 +108,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Return the metrics of ``model`` as a JSON-ready dict.
 
-    With a test set this is :func:`miu_hooks.metrics.evaluate` (RA, FA, TA, MIA,
+    With a test set this is :func:`miu_hooks.evaluation.evaluate` (RA, FA, TA, MIA,
     EO, GA, per-group test accuracy; EO and GA for ``forget_groups``, by default
     the groups present in ``forget``). Without one, only RA, FA and the per-group
     accuracy on the retain set are computed.

@@ -356,7 +356,7 @@ def _run_demo(
 
 
 def _summary(report: dict[str, Any], prep: Any, config_file: Path, wall: float) -> str:
-    from miu_hooks.metrics import format_table
+    from miu_hooks.evaluation import format_table
 
     models = report["models"]
     rows = {"Original": models["original"], "MIU": models["unlearned"]}

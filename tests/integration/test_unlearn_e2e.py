@@ -14,7 +14,7 @@ from torch import nn
 
 import miu_hooks as mh
 from miu_hooks.datasets import colored_digits, forget_split, subset
-from miu_hooks.metrics import evaluate
+from miu_hooks.evaluation import evaluate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

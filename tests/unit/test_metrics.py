@@ -15,19 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from miu_hooks import metrics
+from miu_hooks import evaluation, metrics
 from miu_hooks.errors import DataError, EmptyForgetSetError, GroupRangeError
+from miu_hooks.evaluation import Report, evaluate, format_table, per_group_table
 from miu_hooks.metrics import (
-    Report,
     accuracy,
     avg_gap,
     equalized_odds,
-    evaluate,
     forget_group_accuracy,
-    format_table,
     mia_efficacy,
     per_group_accuracy,
-    per_group_table,
     tow,
     worst_group_accuracy,
 )
@@ -250,7 +247,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list:
         calls.append(losses)
         return dict(MIA_STUB)
 
-    monkeypatch.setattr(metrics, "mia_efficacy", spy)
+    monkeypatch.setattr(evaluation, "mia_efficacy", spy)
     return calls
 
 
