@@ -165,7 +165,9 @@ def notes(rows: list[dict[str, Any]], s: Settings) -> list[str]:
         *(["- Rows `miu_*` are ablations of MIU, never used for a verdict: without REWEIGHT "
            "(`miu_no_reweight`, the paper's ablate_rw), with independently initialised critics "
            "(`critic_init='independent'`, the reference's behaviour), and with λ = 10 (METHOD.md "
-           "§4's CelebA/Waterbirds r = 0.5 value) with shared and independent critics."]
+           "§4's CelebA/Waterbirds r = 0.5 value) with shared and independent critics; "
+           "rows ending in `_clip`, where present, set `max_grad_norm=1.0` (global-norm clipping "
+           "of the forget and retain updates)."]
           if any(r["method"].startswith("miu_") for r in rows) else []),
         "- Wall times are for one process with one torch thread on a shared machine; compare "
         "ratios within a row, not absolute seconds across runs.",

@@ -124,13 +124,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, r = 0.5, few epochs (CI)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--json", type=Path, default=None, help="raw results (default: next to --out)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="raw results (default: results.json next to RESULTS.md, else --out's name with .json)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--no-fashion", action="store_true", help="skip Colored Fashion-MNIST")
     p.add_argument(
         "--ablation",
         action="store_true",
-        help="add MIU without REWEIGHT and MIU with independent critics",
+        help="add MIU rows: without REWEIGHT, independent critics, λ = 10",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="ROW",
+        choices=[row for row, _, _ in METHODS],
+        help="run only these rows of METHODS in bench_settings.py (Retrain and "
+        "Retrain+REWEIGHT always run)",
     )
     p.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     p.add_argument("--ratios", type=float, nargs="+", help="override r (digits)")
@@ -153,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     s = dataclasses.replace(QUICK if args.quick else Settings(), threads=args.threads)
     if args.ablation:
         s = dataclasses.replace(s, methods=(*s.methods, *ABLATION_ROWS))
+    if args.methods:
+        s = dataclasses.replace(s, methods=tuple(args.methods))
     if args.seeds:
         s = dataclasses.replace(s, seeds=tuple(args.seeds))
     if args.ratios:
@@ -182,14 +197,17 @@ def main(argv: list[str] | None = None) -> int:
                  unlearn_config=base_config(s, 0).to_dict(),
                  train_config=train_config(s, 0).to_dict(),
                  methods={row: [m, ch] for row, m, ch in METHODS})  # fmt: skip
-    meta = dict(command="python benchmarks/run.py" + (" --quick" if args.quick else ""),
+    cli = sys.argv[1:] if argv is None else argv
+    meta = dict(command=" ".join(["python benchmarks/run.py", *cli]),
                 date=dt.datetime.now().isoformat(timespec="seconds"), versions=versions,
                 device=f"CPU {_cpu_name()}, {os.cpu_count()} cores visible, "
                        f"{torch.get_num_threads()} torch thread(s)",
                 total_s=time.perf_counter() - start, setup=setup)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, overhead, s, meta))
-    json_path = args.json or args.out.with_name("results.json")
+    default_json = (args.out.with_name("results.json") if args.out.name == "RESULTS.md"
+                    else args.out.with_suffix(".json"))  # fmt: skip
+    json_path = args.json or default_json
     json_path.write_text(json.dumps(dict(meta=meta, overhead=overhead, rows=rows),
                                     separators=(",", ":"), default=str))  # fmt: skip
     logger.info("wrote %s and %s in %.1f min", args.out, json_path, meta["total_s"] / 60)
