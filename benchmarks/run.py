@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = json.loads(args.from_json.read_text())
         fields = {k: tuple(v) if isinstance(v, list) else v
                   for k, v in raw["meta"]["setup"]["settings"].items()}  # fmt: skip
-        args.out.write_text(render(raw["rows"], raw["overhead"], Settings(**fields), raw["meta"]))
+        _write(args.out, render(raw["rows"], raw["overhead"], Settings(**fields), raw["meta"]))
         logger.info("re-rendered %s from %s", args.out, args.from_json)
         return 0
     logging.getLogger("miu_hooks").setLevel(logging.WARNING)  # MIA winners etc. stay in the JSON
@@ -204,14 +204,22 @@ def main(argv: list[str] | None = None) -> int:
                        f"{torch.get_num_threads()} torch thread(s)",
                 total_s=time.perf_counter() - start, setup=setup)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, overhead, s, meta))
     default_json = (args.out.with_name("results.json") if args.out.name == "RESULTS.md"
                     else args.out.with_suffix(".json"))  # fmt: skip
     json_path = args.json or default_json
-    json_path.write_text(json.dumps(dict(meta=meta, overhead=overhead, rows=rows),
-                                    separators=(",", ":"), default=str))  # fmt: skip
+    # Raw results first: a report that fails to render can be redone with --from-json.
+    _write(json_path, json.dumps(dict(meta=meta, overhead=overhead, rows=rows),
+                                 separators=(",", ":"), default=str))  # fmt: skip
+    _write(args.out, render(rows, overhead, s, meta))
     logger.info("wrote %s and %s in %.1f min", args.out, json_path, meta["total_s"] / 60)
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _cpu_name() -> str:
