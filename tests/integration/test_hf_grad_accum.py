@@ -68,6 +68,23 @@ def tiny_vit():
     )
 
 
+def logged_args(tmp_path, **overrides):
+    """CPU TrainingArguments logging every step, batch B, nothing saved or reported."""
+    return TrainingArguments(
+        **{
+            "output_dir": str(tmp_path),
+            "per_device_train_batch_size": B,
+            "use_cpu": True,
+            "report_to": "none",
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "logging_steps": 1,
+            "remove_unused_columns": False,
+            **overrides,
+        }
+    )
+
+
 def first_update(tmp_path, *, ga: int, batch: int, route: str, mi_weight: float = 50.0):
     retain, forget = data()
     torch.manual_seed(0)
@@ -146,19 +163,7 @@ def test_bf16_mixed_precision_keeps_the_loss_relation(tmp_path):
     probe = model.register_forward_hook(
         lambda m, a, out: seen.append(out.loss.detach()) if out.loss is not None else None
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=B,
-        gradient_accumulation_steps=2,
-        bf16=True,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        remove_unused_columns=False,
-    )
+    args = logged_args(tmp_path, max_steps=2, gradient_accumulation_steps=2, bf16=True)
     cfg = MIUConfig(mi_weight=50.0, forget_epochs=1, mine_warmup_iters=2, mine_hidden=16)
     callback = MIUCallback(forget, config=cfg, num_groups=4)
     trainer = Trainer(model=model, args=args, train_dataset=retain, callbacks=[callback])
@@ -214,17 +219,7 @@ def test_adaptive_clip_scales_the_term_in_the_trainer_loss(tmp_path, route):
     probe = model.register_forward_hook(  # placed before MIU's hook: the model's own CE
         lambda m, a, out: seen.append(float(out.loss.detach())) if out.loss is not None else None
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=B,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        remove_unused_columns=False,
-    )
+    args = logged_args(tmp_path, max_steps=3)
     lam = 1e4  # large enough that the calibration gradient dominates the CE gradient
     cfg = MIUConfig(
         mi_weight=lam,
