@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from miu_hooks import MIUConfig
-from miu_hooks.datasets import ColoredSplits, colored_digits, find_fashion_mnist
+from miu_hooks.demo import ColoredSplits, colored_digits, find_fashion_mnist
 from miu_hooks.metrics import GAP_METRICS
 
 REF, REF2 = "retrain_reweight", "retrain"

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 
 from miu_hooks import attach, unlearn
 from miu_hooks.data import IndexedDataset, forward_logits, split_batch
-from miu_hooks.datasets import ColoredSplits, forget_split, subset
+from miu_hooks.demo import ColoredSplits
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.sampling import GroupReweightSampler
+from miu_hooks.splits import forget_split, subset
 from miu_hooks.unlearn import build_optimizer
 
 

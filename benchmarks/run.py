@@ -49,10 +49,11 @@ from torch import nn
 
 import miu_hooks
 from miu_hooks import unlearn
-from miu_hooks.datasets import ColoredSplits, forget_split, subset
+from miu_hooks.demo import ColoredSplits
 from miu_hooks.errors import DataError, NonFiniteLossError
 from miu_hooks.evaluation import evaluate
 from miu_hooks.metrics import avg_gap, tow
+from miu_hooks.splits import forget_split, subset
 
 logger = logging.getLogger("benchmark")
 HERE = Path(__file__).resolve().parent

@@ -29,8 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import colored_digits, forget_split, subset
+from miu_hooks.demo import colored_digits
 from miu_hooks.integrations.accelerate import prepare_miu, reweighted_loader  # MIU
+from miu_hooks.splits import forget_split, subset
 
 
 def make_model(size: int) -> nn.Module:

@@ -1,7 +1,7 @@
 """Group-robust unlearning with an ordinary Hugging Face ``Trainer`` and a tiny ViT.
 
 The data is a Colored-MNIST analogue built from scikit-learn's bundled digits
-(``miu_hooks.datasets.colored_digits``, no download): y = 1[digit >= 5], the
+(``miu_hooks.demo.colored_digits``, no download): y = 1[digit >= 5], the
 digit is drawn in red or green, and the colour agrees with y 80% of the time.
 Groups are g = colour + 2·y:
 
@@ -44,9 +44,10 @@ from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClass
 from transformers.utils import logging as hf_logging
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import colored_digits, forget_split, subset
+from miu_hooks.demo import colored_digits
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset, make_compute_metrics
 from miu_hooks.metrics import accuracy, per_group_accuracy
+from miu_hooks.splits import forget_split, subset
 
 FORGET_GROUP = 2  # y = 1, red: a minority group
 

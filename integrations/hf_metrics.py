@@ -47,7 +47,7 @@ class GroupDictDataset(Dataset):
         group_key: Name of the group column (``MIUConfig.group_key``).
 
     Example:
-        >>> from miu_hooks.datasets import GroupTensorDataset
+        >>> from miu_hooks.data import GroupTensorDataset
         >>> base = GroupTensorDataset(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([1, 3]))
         >>> item = GroupDictDataset(base)[1]
         >>> sorted(item), int(item["group"])
@@ -96,7 +96,7 @@ def as_trainer_dataset(dataset: Dataset, *, input_key: str = "pixel_values") -> 
     Datasets whose items already are mappings are returned unchanged.
 
     Example:
-        >>> from miu_hooks.datasets import GroupTensorDataset
+        >>> from miu_hooks.data import GroupTensorDataset
         >>> ds = as_trainer_dataset(GroupTensorDataset(torch.zeros(1, 2), [0], [2]))
         >>> sorted(ds[0])
         ['group', 'labels', 'pixel_values']

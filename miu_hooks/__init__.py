@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from miu_hooks.config import MIUConfig
-    from miu_hooks.data import Batch, IndexedDataset, dataset_groups, forward_logits, split_batch
+    from miu_hooks.data import (
+        Batch,
+        GroupTensorDataset,
+        IndexedDataset,
+        dataset_groups,
+        forward_logits,
+        split_batch,
+    )
+    from miu_hooks.demo.toy_data import ColoredSplits, colored_digits
     from miu_hooks.engine import MIUHandle, attach
     from miu_hooks.errors import (
         CheckpointError,
@@ -47,9 +55,10 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         log_mean_exp,
     )
     from miu_hooks.methods import available_methods, register_method
-    from miu_hooks.reference import load_original, load_weights, save_weights
+    from miu_hooks.original import load_original, load_weights, save_weights
     from miu_hooks.runtime import LocalRuntime, Runtime
     from miu_hooks.sampling import GroupReweightSampler, ResampledView
+    from miu_hooks.splits import forget_split, subset
     from miu_hooks.taps import FeatureTap, resolve_head
     from miu_hooks.unlearn import unlearn
 
@@ -58,6 +67,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch",
     "CheckpointError",
+    "ColoredSplits",
     "DataError",
     "EmptyForgetSetError",
     "EmptyGroupError",
@@ -65,6 +75,7 @@ __all__ = [
     "FeatureTap",
     "GroupRangeError",
     "GroupReweightSampler",
+    "GroupTensorDataset",
     "IndexedDataset",
     "LocalRuntime",
     "MIEstimator",
@@ -80,10 +91,12 @@ __all__ = [
     "attach",
     "available_methods",
     "calibration_loss",
+    "colored_digits",
     "dataset_groups",
     "dv_bound",
     "ema_log_mean_exp",
     "evaluate",
+    "forget_split",
     "forward_logits",
     "group_counts",
     "group_index",
@@ -95,6 +108,7 @@ __all__ = [
     "resolve_head",
     "save_weights",
     "split_batch",
+    "subset",
     "unlearn",
 ]
 
@@ -102,7 +116,11 @@ __all__ = [
 # Public name -> submodule that defines it (loaded on first access).
 _SOURCES: dict[str, tuple[str, ...]] = {
     "config": ("MIUConfig",),
-    "data": ("Batch", "IndexedDataset", "dataset_groups", "forward_logits", "split_batch"),
+    "data": (
+        "Batch", "GroupTensorDataset", "IndexedDataset", "dataset_groups", "forward_logits",
+        "split_batch",
+    ),
+    "demo.toy_data": ("ColoredSplits", "colored_digits"),
     "engine": ("MIUHandle", "attach"),
     "errors": (
         "CheckpointError", "DataError", "EmptyForgetSetError", "EmptyGroupError",
@@ -116,9 +134,10 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     ),
     "methods": ("available_methods", "register_method"),
     "evaluation": ("Report", "evaluate"),
-    "reference": ("load_original", "load_weights", "save_weights"),
+    "original": ("load_original", "load_weights", "save_weights"),
     "runtime": ("LocalRuntime", "Runtime"),
     "sampling": ("GroupReweightSampler", "ResampledView"),
+    "splits": ("forget_split", "subset"),
     "taps": ("FeatureTap", "resolve_head"),
     "unlearn": ("unlearn",),
 }  # fmt: skip

@@ -3,6 +3,8 @@
 Datasets may yield tuples ``(inputs, label, group)`` or mappings with
 configurable keys. These helpers turn a collated batch into tensors and a model
 output into logits, so every method and metric reads data the same way.
+:class:`GroupTensorDataset` is the in-memory ``(inputs, labels, groups)``
+container the core, the command line and the demo share.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from miu_hooks.errors import DataError, NoClassifierOutputError
 
 __all__ = [
     "Batch",
+    "GroupTensorDataset",
     "IndexedDataset",
     "dataset_groups",
     "forward_logits",
@@ -188,6 +191,55 @@ def logits_of(out: Any) -> Tensor:
             f"model logits must be [batch, num_classes]; got shape {tuple(logits.shape)}"
         )
     return logits
+
+
+class GroupTensorDataset(TensorDataset):
+    """A :class:`~torch.utils.data.TensorDataset` of ``(inputs, labels, groups)``.
+
+    Items are ``(inputs[i], labels[i], groups[i])`` tuples; ``groups`` and
+    ``labels`` are exposed as attributes, so group counts never touch images.
+
+    Args:
+        inputs: Tensor[N, ...] of model inputs.
+        labels: LongTensor[N] of target labels.
+        groups: LongTensor[N] of group ids.
+
+    Raises:
+        DataError: The three tensors differ in length.
+
+    Example:
+        >>> ds = GroupTensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1]),
+        ...                         torch.tensor([0, 3, 2]))
+        >>> len(ds), ds.groups.tolist(), ds.labels.tolist()
+        (3, [0, 3, 2], [0, 1, 1])
+    """
+
+    tensors: tuple[Tensor, ...]
+
+    def __init__(self, inputs: Tensor, labels: Tensor, groups: Tensor) -> None:
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        groups = torch.as_tensor(groups).long().reshape(-1)
+        if not len(inputs) == len(labels) == len(groups):
+            raise DataError(
+                f"inputs, labels and groups must have the same length; got "
+                f"{len(inputs)}, {len(labels)} and {len(groups)}"
+            )
+        super().__init__(inputs, labels, groups)
+
+    @property
+    def inputs(self) -> Tensor:
+        """Tensor[N, ...] of model inputs."""
+        return self.tensors[0]
+
+    @property
+    def labels(self) -> Tensor:
+        """LongTensor[N] of target labels."""
+        return self.tensors[1]
+
+    @property
+    def groups(self) -> Tensor:
+        """LongTensor[N] of group ids."""
+        return self.tensors[2]
 
 
 class IndexedDataset(Dataset):

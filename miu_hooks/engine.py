@@ -29,7 +29,7 @@ from miu_hooks.data import Batch, forward_logits, split_batch
 from miu_hooks.errors import NonFiniteLossError
 from miu_hooks.estimators import MIEstimator
 from miu_hooks.functional import calibration_loss, check_group_range, checked_cross_entropy
-from miu_hooks.reference import load_original
+from miu_hooks.original import load_original
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
 from miu_hooks.taps import FeatureTap, infer_feature_dim, unwrap_model

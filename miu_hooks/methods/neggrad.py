@@ -53,7 +53,7 @@ class NegGrad(UnlearningMethod):
         >>> import torch
         >>> from torch import nn
         >>> from miu_hooks import MIUConfig, unlearn
-        >>> from miu_hooks.datasets import GroupTensorDataset
+        >>> from miu_hooks.data import GroupTensorDataset
         >>> _ = torch.manual_seed(0)
         >>> x, y = torch.randn(12, 3), torch.tensor([0, 1] * 6)
         >>> ds = GroupTensorDataset(x, y, 2 * y)

@@ -492,7 +492,7 @@ def test_methods_subcommand_lists_the_registry() -> None:
 
 
 def test_exit_codes_are_distinct() -> None:
-    from miu_hooks.cli_errors import EXIT_CODES
+    from miu_hooks.cli.errors import EXIT_CODES
 
     codes = [code for code, _, _ in EXIT_CODES]
     assert len(codes) == len(set(codes))

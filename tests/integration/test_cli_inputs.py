@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from miu_hooks.cli import cli
-from miu_hooks.cli_load import image_settings, load_dataset
+from miu_hooks.cli.load import image_settings, load_dataset
 from miu_hooks.methods import available_methods
 
 pytestmark = pytest.mark.integration
@@ -95,8 +95,8 @@ def test_image_manifest(root: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["inputs"]["data"].endswith("manifest.csv")
     # The documented transform: RGB, bilinear resize, [0, 1], mean = std = 0.5.
-    from miu_hooks.cli_data import read_data_index
-    from miu_hooks.cli_inputs import resolve_model_source
+    from miu_hooks.cli.data_index import read_data_index
+    from miu_hooks.cli.inputs import resolve_model_source
 
     source = resolve_model_source(root / "model.safetensors", f"{root / 'arch.py'}:build")
     side, mode = image_settings(source, 4)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from miu_hooks.cli import cli
-from miu_hooks.cli_inputs import work_dir
+from miu_hooks.cli.inputs import work_dir
 from miu_hooks.unlearn import STATE_FILE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

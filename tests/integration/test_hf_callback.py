@@ -24,9 +24,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig
 from transformers import ViTForImageClassification as ViT
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import colored_digits, forget_split, subset
+from miu_hooks.demo import colored_digits
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 from miu_hooks.metrics import accuracy, per_group_accuracy
+from miu_hooks.splits import forget_split, subset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

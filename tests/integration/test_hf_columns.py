@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments, ViTConfig
 from transformers import ViTForImageClassification as ViT
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import DataError
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 

@@ -16,11 +16,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig
 from transformers import ViTForImageClassification as ViT
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import DataError
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset, make_compute_metrics
 from miu_hooks.metrics import equalized_odds, forget_group_accuracy, per_group_accuracy
-from miu_hooks.reference import copy_frozen
+from miu_hooks.original import copy_frozen
 
 pytestmark = pytest.mark.integration
 

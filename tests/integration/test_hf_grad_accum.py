@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments, ViTConfig
 from transformers import ViTForImageClassification as ViT
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.engine import MIUHandle
 from miu_hooks.integrations.hf import MIUCallback, MIUTrainer, as_trainer_dataset
 

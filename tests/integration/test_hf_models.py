@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset, find_features
 from miu_hooks.taps import FeatureTap
 

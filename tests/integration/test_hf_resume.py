@@ -29,10 +29,11 @@ from transformers import (
 )
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import colored_digits, forget_split, subset
+from miu_hooks.demo import colored_digits
 from miu_hooks.errors import CheckpointError
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 from miu_hooks.integrations.hf_state import META_FILE, STATE_FILE
+from miu_hooks.splits import forget_split, subset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import miu_hooks as mh
-from miu_hooks.datasets import colored_digits, forget_split, subset
+from miu_hooks.demo import colored_digits
 from miu_hooks.evaluation import evaluate
+from miu_hooks.splits import forget_split, subset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miu_hooks import MIUConfig, unlearn
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.methods import available_methods, resolve_method
 from miu_hooks.methods import random_labels as rl_module
 from miu_hooks.methods import salun as salun_module

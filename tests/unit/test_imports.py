@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 HEAVY = ("transformers", "accelerate", "sklearn", "click", "safetensors", "matplotlib")
 
 # One interpreter (torch is imported once): record the optional packages loaded
-# after ``import miu_hooks`` and again after importing the data-set helpers.
+# after ``import miu_hooks`` and again after importing the demo package and its toy data.
 _PROBE = f"""
 import json, sys
 heavy = {HEAVY!r}
@@ -23,8 +23,8 @@ def loaded():
     return sorted(set(m.split(".")[0] for m in sys.modules) & set(heavy))
 import miu_hooks
 out = {{"version": miu_hooks.__version__, "after_package": loaded()}}
-import miu_hooks.datasets
-out["after_datasets"] = loaded()
+import miu_hooks.demo
+out["after_demo"] = loaded()
 print(json.dumps(out))
 """
 
@@ -53,10 +53,8 @@ def test_import_miu_hooks_loads_no_optional_dependency(probe: dict[str, Any]) ->
     assert isinstance(probe["version"], str) and probe["version"]
 
 
-def test_datasets_module_loads_sklearn_lazily(probe: dict[str, Any]) -> None:
-    assert probe["after_datasets"] == [], (
-        f"import miu_hooks.datasets pulled in {probe['after_datasets']}"
-    )
+def test_demo_package_loads_sklearn_lazily(probe: dict[str, Any]) -> None:
+    assert probe["after_demo"] == [], f"import miu_hooks.demo pulled in {probe['after_demo']}"
 
 
 def test_integrations_package_is_mapped(tmp_path: Path) -> None:

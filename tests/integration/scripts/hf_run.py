@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 
 N_RETAIN, N_FORGET, SIZE = 64, 16, 8

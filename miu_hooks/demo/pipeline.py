@@ -1,10 +1,10 @@
 """The embedded demo behind ``miu-unlearn demo``.
 
 1. Builds Colored Digits from scikit-learn's bundled 8x8 digits
-   (:func:`miu_hooks.datasets.colored_digits` with ``seed=0, size=8,
+   (:func:`miu_hooks.demo.toy_data.colored_digits` with ``seed=0, size=8,
    label_noise=0.05, color_flip=0.2``): y = 1[digit >= 5], drawn in red or
    green, and the colour agrees with y 80% of the time.
-2. Trains the original model, a tiny ViT (:func:`tiny_vit`: 4x4 patches, width
+2. Trains the original model, a tiny ViT (:func:`miu_hooks.demo.vit.tiny_vit`: 4x4 patches, width
    64, 2 pre-norm encoder layers), on D with AdamW and a one-cycle schedule.
    The original, its initial weights and the data are cached in
    ``$MIU_HOOKS_CACHE`` (default ``~/.cache/miu_hooks``) under
@@ -12,8 +12,8 @@
 3. Forgets 50% of group 2 (y = 1 drawn in red, a minority group), trains
    Retrain+REWEIGHT (and plain Retrain) from the same initial weights on D_r
    with the same recipe, then runs MIU through the same code path as
-   ``miu-unlearn`` (:func:`miu_hooks.cli_inputs.prepare` and
-   :func:`miu_hooks.cli_run.execute`) with the retrained models as references.
+   ``miu-unlearn`` (:func:`miu_hooks.cli.inputs.prepare` and
+   :func:`miu_hooks.cli.run.execute`) with the retrained models as references.
 4. Prints the per-group test accuracy of every model and the report location.
 
 The numbers are whatever this run measures; nothing is tuned per run.
@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from miu_hooks.cli_report import Console, per_group_markdown
+from miu_hooks.cli.report import Console, per_group_markdown
+from miu_hooks.demo.vit import tiny_vit
 
-__all__ = ["DemoResult", "TinyViT", "cache_root", "run_demo", "tiny_vit"]
+__all__ = ["DemoResult", "cache_root", "run_demo"]
 
 CACHE_ENV = "MIU_HOOKS_CACHE"
 ARCH = "miu_hooks.demo:tiny_vit"
@@ -76,65 +77,6 @@ QUICK: dict[str, Any] = {
     },
     "plain_retrain": False,
 }
-
-
-class TinyViT(nn.Module):
-    """A small Vision Transformer: patch embedding, CLS token, pre-norm encoder, linear head.
-
-    Args:
-        image_size: Input side (square images).
-        patch_size: Patch side; ``image_size`` must be a multiple.
-        channels: Input channels.
-        dim: Token width.
-        depth: Encoder layers.
-        heads: Attention heads.
-        num_classes: Logits.
-
-    Example:
-        >>> tiny_vit()(torch.zeros(2, 3, 8, 8)).shape
-        torch.Size([2, 2])
-    """
-
-    def __init__(
-        self,
-        image_size: int = 8,
-        patch_size: int = 4,
-        channels: int = 3,
-        dim: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        num_classes: int = 2,
-    ) -> None:
-        super().__init__()
-        tokens = (image_size // patch_size) ** 2
-        self.patch = nn.Conv2d(channels, dim, patch_size, patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.position = nn.Parameter(torch.zeros(1, tokens + 1, dim))
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.classifier = nn.Linear(dim, num_classes)
-        for param in (self.cls_token, self.position):
-            nn.init.trunc_normal_(param, std=0.02)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return logits [B, num_classes] for images [B, C, H, W]."""
-        z = self.patch(x).flatten(2).transpose(1, 2)
-        z = torch.cat([self.cls_token.expand(len(z), -1, -1), z], dim=1) + self.position
-        logits: Tensor = self.classifier(self.norm(self.encoder(z))[:, 0])
-        return logits
-
-
-def tiny_vit() -> TinyViT:
-    """The demo's architecture, for ``--arch miu_hooks.demo:tiny_vit``."""
-    return TinyViT()
 
 
 def cache_root() -> Path:
@@ -212,8 +154,9 @@ def _save_split(path: Path, split: Any, names: tuple[str, ...]) -> None:
 
 def _build_cache(folder: Path, settings: dict[str, Any], console: Console) -> None:
     """Create the cache folder: data, forget list, initial and original weights."""
-    from miu_hooks.datasets import colored_digits, forget_split
-    from miu_hooks.reference import save_weights
+    from miu_hooks.demo.toy_data import colored_digits
+    from miu_hooks.original import save_weights
+    from miu_hooks.splits import forget_split
 
     if (folder / "settings.json").is_file():
         console.log(f"original model: cached in {folder}")
@@ -246,9 +189,9 @@ def _retrain(
     folder: Path, name: str, reweight: bool, settings: dict[str, Any], reuse: bool, console: Console
 ) -> Path:
     """Train ``name`` from the cached initial weights on D_r; return its weights file."""
-    from miu_hooks.cli_data import read_data_index
-    from miu_hooks.datasets import GroupTensorDataset
-    from miu_hooks.reference import load_weights, save_weights
+    from miu_hooks.cli.data_index import read_data_index
+    from miu_hooks.data import GroupTensorDataset
+    from miu_hooks.original import load_weights, save_weights
     from miu_hooks.sampling import GroupReweightSampler
 
     path = folder / name / "model.safetensors"
@@ -296,7 +239,7 @@ def run_demo(
     Returns:
         The :class:`DemoResult`.
     """
-    from miu_hooks.cli_run import torch_threads
+    from miu_hooks.cli.run import torch_threads
 
     with torch_threads(threads):
         return _run_demo(quick, out, reuse_retrain, console or Console(quiet=True))
@@ -306,8 +249,8 @@ def _run_demo(
     quick: bool, out: str | Path | None, reuse_retrain: bool, console: Console
 ) -> DemoResult:
     from miu_hooks import __version__
-    from miu_hooks.cli_inputs import prepare
-    from miu_hooks.cli_run import execute
+    from miu_hooks.cli.inputs import prepare
+    from miu_hooks.cli.run import execute
     from miu_hooks.config import MIUConfig
 
     start = time.monotonic()

@@ -13,7 +13,7 @@ Three formats are accepted, told apart by the path:
 Column and tensor names can be overridden (``--input-key`` and friends). This
 module reads only what the checks need, with numpy, so that bad input is
 reported before torch is imported; the inputs themselves are loaded by
-:mod:`miu_hooks.cli_load`.
+:mod:`miu_hooks.cli.load`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from miu_hooks.cli_errors import InputNotFoundError, MissingDependencyError
+from miu_hooks.cli.errors import InputNotFoundError, MissingDependencyError
 from miu_hooks.errors import DataError
 
 __all__ = ["Columns", "DataIndex", "read_data_index"]

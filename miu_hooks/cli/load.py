@@ -3,7 +3,7 @@
 Models come from a ``config.json`` (``AutoConfig`` then the class named in
 ``architectures``, or ``AutoModelForImageClassification.from_config``) or from
 ``--arch package.module:factory``, and their weights are loaded strictly
-(:func:`miu_hooks.reference.load_weights`). Only safetensors are read.
+(:func:`miu_hooks.original.load_weights`). Only safetensors are read.
 
 Image transforms, for CSV manifests and ``datasets`` image columns: open with
 Pillow, convert to RGB (``L`` when the config says ``num_channels: 1``), resize
@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from miu_hooks.cli_data import DataIndex
-from miu_hooks.cli_errors import ArchitectureError, MissingDependencyError
-from miu_hooks.cli_inputs import ModelSource
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.cli.data_index import DataIndex
+from miu_hooks.cli.errors import ArchitectureError, MissingDependencyError
+from miu_hooks.cli.inputs import ModelSource
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import CheckpointError, DataError
-from miu_hooks.reference import load_weights
+from miu_hooks.original import load_weights
 
 __all__ = ["ImageDataset", "build_model", "image_settings", "load_dataset", "load_model"]
 
@@ -181,7 +181,7 @@ def load_model(source: ModelSource, *, seed: int = 0) -> nn.Module:
 
     A ``save_pretrained`` folder is loaded with ``from_pretrained`` (Transformers
     renames some keys on save), and any missing, unexpected or mis-shaped key is
-    an error; other files go through :func:`miu_hooks.reference.load_weights`.
+    an error; other files go through :func:`miu_hooks.original.load_weights`.
 
     Raises:
         ArchitectureError: See :func:`build_model`.

@@ -2,7 +2,7 @@
 
 :func:`prepare` resolves the model source, reads the data index and the forget
 list, plans the retain/forget split and checks the output folder. Every
-failure raises a :mod:`miu_hooks.cli_errors` type with a one-line message, so
+failure raises a :mod:`miu_hooks.cli.errors` type with a one-line message, so
 bad input is reported in well under a second and nothing has been written.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from miu_hooks.cli_data import Columns, DataIndex, read_data_index
-from miu_hooks.cli_errors import (
+from miu_hooks.cli.data_index import Columns, DataIndex, read_data_index
+from miu_hooks.cli.errors import (
     ArchitectureError,
     ForgetListError,
     InputNotFoundError,
@@ -370,7 +370,7 @@ def prepare(
     Y_f x S_f may cover every (y, s) cell, leaving EO undefined.
 
     Raises:
-        MIUError: One of the :mod:`miu_hooks.cli_errors` types, naming the problem.
+        MIUError: One of the :mod:`miu_hooks.cli.errors` types, naming the problem.
     """
     source = resolve_model_source(model, arch)
     refs = {

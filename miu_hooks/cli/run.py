@@ -1,6 +1,6 @@
 """The ``miu-unlearn`` run: load, evaluate, unlearn (resumably), report, write atomically.
 
-:func:`execute` takes inputs checked by :func:`miu_hooks.cli_inputs.prepare`.
+:func:`execute` takes inputs checked by :func:`miu_hooks.cli.inputs.prepare`.
 Its work lives in a hidden folder beside the output, ``.<out>.partial/``:
 ``run.json`` (the inputs' fingerprint), ``before.json`` and ``reference-*.json``
 (finished evaluations) and ``unlearn_state.safetensors`` (the last finished
@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from miu_hooks.cli_inputs import Prepared, sha256_file, work_dir
-from miu_hooks.cli_load import build_model, image_settings, load_dataset, load_model
-from miu_hooks.cli_report import (
+from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
+from miu_hooks.cli.load import build_model, image_settings, load_dataset, load_model
+from miu_hooks.cli.report import (
     Console,
     atomic_write_text,
     dump_json,
@@ -39,13 +39,13 @@ from miu_hooks.cli_report import (
     write_folder,
 )
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import forward_logits, split_batch
-from miu_hooks.datasets import GroupTensorDataset, subset
+from miu_hooks.data import GroupTensorDataset, forward_logits, split_batch
 from miu_hooks.errors import CheckpointError
 from miu_hooks.evaluation import evaluate
 from miu_hooks.metrics import accuracy, avg_gap, per_group_accuracy, tow
-from miu_hooks.reference import save_weights
+from miu_hooks.original import save_weights
 from miu_hooks.runtime import resolve_device
+from miu_hooks.splits import subset
 from miu_hooks.unlearn import unlearn
 
 __all__ = ["RunResult", "evaluate_model", "execute", "torch_threads", "work_dir"]
@@ -214,7 +214,7 @@ def execute(
     """Run ``method`` on the prepared inputs and write the output folder.
 
     Args:
-        prep: Checked inputs (:func:`miu_hooks.cli_inputs.prepare`).
+        prep: Checked inputs (:func:`miu_hooks.cli.inputs.prepare`).
         config: The run's :class:`MIUConfig`.
         method: A registered method name (``available_methods()``).
         feature_module: Head override for the feature tap (dotted name).

@@ -1,14 +1,14 @@
 """``miu-unlearn``: group-robust unlearning of a safetensors checkpoint from the shell.
 
 A thin click layer: each command parses its options, calls one library
-function (:func:`miu_hooks.cli_inputs.prepare` then
-:func:`miu_hooks.cli_run.execute`, or :func:`miu_hooks.demo.run_demo`) and
+function (:func:`miu_hooks.cli.inputs.prepare` then
+:func:`miu_hooks.cli.run.execute`, or :func:`miu_hooks.demo.run_demo`) and
 formats the result. Only click and the standard library are imported at
 start-up, so ``--help`` and ``--version`` answer without importing torch; the
 inputs are checked before torch is imported, so bad input fails fast.
 
 Errors print one line on stderr and exit with the code of their type
-(:mod:`miu_hooks.cli_errors`); ``MIU_HOOKS_DEBUG=1`` shows tracebacks of
+(:mod:`miu_hooks.cli.errors`); ``MIU_HOOKS_DEBUG=1`` shows tracebacks of
 unexpected errors.
 """
 
@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -27,7 +26,7 @@ from typing import Any
 import click
 
 from miu_hooks import __version__
-from miu_hooks.cli_errors import Interrupted, exit_code, exit_code_table
+from miu_hooks.cli.errors import Interrupted, exit_code, exit_code_table
 from miu_hooks.errors import MIUError
 
 __all__ = ["cli", "main"]
@@ -183,7 +182,7 @@ def _print_result(report: dict[str, Any], as_json: bool, quiet: bool) -> None:
         return
     if quiet:
         return
-    from miu_hooks.cli_report import per_group_markdown
+    from miu_hooks.cli.report import per_group_markdown
 
     click.echo(f"Per-group accuracy ({report['evaluated_on']} set):")
     click.echo(per_group_markdown(report["models"], report["groups"]["names"]))
@@ -268,9 +267,9 @@ def cli(ctx: click.Context, **opts: Any) -> None:
     model_name = Path(opts["model"]).resolve()
     model_name = model_name.parent if model_name.name == "model.safetensors" else model_name
     out = opts["out"] or f"{model_name.stem}-{method}"
-    from miu_hooks.cli_data import Columns
-    from miu_hooks.cli_inputs import prepare, work_dir
-    from miu_hooks.cli_report import Console
+    from miu_hooks.cli.data_index import Columns
+    from miu_hooks.cli.inputs import prepare, work_dir
+    from miu_hooks.cli.report import Console
 
     console = Console(quiet=opts["quiet"])
     prep = prepare(
@@ -300,7 +299,7 @@ def cli(ctx: click.Context, **opts: Any) -> None:
     ctx.meta["miu_resume_hint"] = (
         f"; finished work is kept in {work_dir(prep.out)}: rerun with --resume to continue"
     )
-    from miu_hooks.cli_run import execute
+    from miu_hooks.cli.run import execute
 
     result = execute(
         prep,
@@ -328,7 +327,7 @@ def demo(
     quick: bool, out: str | None, threads: int, retrain_cache: bool, quiet: bool, as_json: bool
 ) -> None:
     """Run the embedded Colored-Digits demo (cache: $MIU_HOOKS_CACHE or ~/.cache/miu_hooks)."""
-    from miu_hooks.cli_report import Console
+    from miu_hooks.cli.report import Console
     from miu_hooks.demo import run_demo
 
     result = run_demo(
@@ -366,7 +365,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
