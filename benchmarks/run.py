@@ -49,6 +49,7 @@ from torch import nn
 
 import miu_hooks
 from miu_hooks import unlearn
+from miu_hooks.atomic import atomic_write_text
 from miu_hooks.demo import ColoredSplits
 from miu_hooks.errors import DataError, NonFiniteLossError
 from miu_hooks.evaluation import evaluate
@@ -217,10 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, then rename)."""
+    atomic_write_text(path, text)
 
 
 def _cpu_name() -> str:

@@ -17,13 +17,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from miu_hooks.atomic import atomic_save_safetensors, atomic_write_text
 from miu_hooks.engine import MIUHandle
 from miu_hooks.errors import CheckpointError
 from miu_hooks.runtime import LocalRuntime, Runtime
@@ -219,17 +219,6 @@ def install_sampler(loader: Any, make: Any) -> GroupReweightSampler:
 
 
 # -- checkpoint files ------------------------------------------------------------------------
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_state(folder: str | os.PathLike[str], handle: MIUHandle, meta: dict[str, Any]) -> Path:
     """Write the handle's state and ``meta`` into ``folder`` (a Trainer checkpoint).
 
@@ -238,15 +227,13 @@ def save_state(folder: str | os.PathLike[str], handle: MIUHandle, meta: dict[str
     tensors, no pickle); ``miu_state.json`` holds ``meta`` (schedule position,
     config, versions), also stored as the safetensors metadata.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in handle.state_dict().items()}
     meta = {"version": STATE_VERSION, **meta}
     text = json.dumps(meta, sort_keys=True)
-    _atomic(folder / STATE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"miu": text}))
-    _atomic(folder / META_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_save_safetensors(folder / STATE_FILE, tensors, {"miu": text})
+    atomic_write_text(folder / META_FILE, text + "\n")
     return folder / STATE_FILE
 
 

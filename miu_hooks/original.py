@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from miu_hooks.atomic import atomic_write
 from miu_hooks.errors import CheckpointError
 
 __all__ = ["freeze", "load_original", "load_weights", "save_weights", "strip_hooks"]
@@ -156,8 +156,9 @@ def save_weights(
 ) -> Path:
     """Write ``model``'s weights to ``path`` as safetensors, atomically.
 
-    The file is written next to its destination and renamed into place, so an
-    interruption never leaves a half-written checkpoint.
+    The file is written next to its destination and renamed into place
+    (:func:`miu_hooks.atomic.atomic_write`), so an interruption never leaves a
+    half-written checkpoint.
 
     Example:
         >>> import tempfile, os
@@ -167,18 +168,5 @@ def save_weights(
     """
     from safetensors.torch import save_model
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state_model = model
-        save_model(state_model, tmp, metadata=OrderedDict(sorted((metadata or {}).items())))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    meta = OrderedDict(sorted((metadata or {}).items()))
+    return atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=meta))

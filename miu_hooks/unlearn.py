@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from miu_hooks.atomic import atomic_save_safetensors
 from miu_hooks.config import MIUConfig
 from miu_hooks.data import dataset_groups
 from miu_hooks.engine import OriginalSpec, resolve_original
@@ -120,8 +120,6 @@ def _save_state(
     epoch: int,
     meta: dict[str, str],
 ) -> None:
-    from safetensors.torch import save_file
-
     tensors = {
         f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
     }
@@ -129,14 +127,7 @@ def _save_state(
     tensors.update(
         {f"method.{k}": v.detach().cpu().clone().contiguous() for k, v in method_state.items()}
     )
-    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={**meta, "epoch": str(epoch)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_save_safetensors(path, tensors, {**meta, "epoch": str(epoch)})
 
 
 def _load_state(

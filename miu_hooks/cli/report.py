@@ -1,4 +1,4 @@
-"""Presenting a ``miu-unlearn`` run: console output, ``report.md``, ``groups.png``, atomic folders.
+"""Presenting a ``miu-unlearn`` run: console output, ``report.md`` and ``groups.png``.
 
 Nothing here imports torch at module import (the metrics table helper is
 imported when a report is rendered). Progress bars use tqdm when it is installed (the
@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
     "Console",
-    "atomic_write_text",
     "per_group_markdown",
     "plot_groups",
     "render_markdown",
-    "write_folder",
 ]
 
 T = TypeVar("T")
@@ -95,51 +90,6 @@ class Console:
                 bar.update(1)
         finally:
             bar.close()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_folder(out: Path, writers: Mapping[str, Callable[[Path], Any]]) -> list[str]:
-    """Create folder ``out`` with one file per writer, atomically.
-
-    Every file is written into a fresh hidden folder beside ``out``, which is
-    then renamed to ``out`` (an existing ``out`` is swapped out and deleted), so
-    an interruption leaves either the old folder or the complete new one. A
-    writer returning ``False`` wrote nothing (e.g. an optional plot).
-
-    Returns:
-        The names of the files written.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    try:
-        written = [name for name, write in writers.items() if write(tmp / name) is not False]
-        if out.exists():
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old.exists() and not out.exists():
-                os.rename(old, out)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return written
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

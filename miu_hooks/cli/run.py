@@ -28,16 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from miu_hooks.atomic import atomic_write_folder, atomic_write_text
 from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
 from miu_hooks.cli.load import build_model, image_settings, load_dataset, load_model
-from miu_hooks.cli.report import (
-    Console,
-    atomic_write_text,
-    dump_json,
-    plot_groups,
-    render_markdown,
-    write_folder,
-)
+from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
 from miu_hooks.config import MIUConfig
 from miu_hooks.data import GroupTensorDataset, forward_logits, split_batch
 from miu_hooks.errors import CheckpointError
@@ -336,7 +330,7 @@ def _execute(
         if prep.model.config_dir is not None:
             config_json = prep.model.config_dir / "config.json"
             writers["config.json"] = lambda p: shutil.copyfile(config_json, p)
-        files = write_folder(prep.out, writers)
+        files = atomic_write_folder(prep.out, writers)
         next(phases, None)
         done = True
         return RunResult(prep.out, report, files, notes)

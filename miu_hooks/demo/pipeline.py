@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from miu_hooks.atomic import atomic_write_text
 from miu_hooks.cli.report import Console, per_group_markdown
 from miu_hooks.demo.vit import tiny_vit
 
@@ -279,7 +280,7 @@ def _run_demo(
     config = MIUConfig(**settings["miu"], device="cpu", seed=0)
     config_file = folder / "miu.json"
     if not config_file.is_file():
-        config_file.write_text(config.to_json())
+        atomic_write_text(config_file, config.to_json())
     prep = prepare(
         model=folder / "original" / "model.safetensors",
         arch=ARCH,
