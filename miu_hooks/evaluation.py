@@ -2,16 +2,18 @@ r"""Evaluation of a model: :func:`evaluate` -> :class:`Report`, and Markdown tab
 
 :func:`evaluate` runs a model over the retain, forget, test and validation sets
 and computes every metric of :mod:`miu_hooks.metrics` (METHOD.md §5) from the
-predictions and per-sample losses; :func:`format_table` and
-:func:`per_group_table` print reports side by side.
+predictions and per-sample losses; :func:`predict` is that loop for one data
+set. :func:`format_table` and :func:`per_group_table` print reports side by
+side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ from miu_hooks.metrics import (
     worst_group_accuracy,
 )
 
-__all__ = ["Report", "evaluate", "format_table", "per_group_table"]
+__all__ = ["Predictions", "Report", "evaluate", "format_table", "per_group_table", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +113,81 @@ class Report(Mapping[str, float]):
             raise DataError(f"incomplete Report dict: {exc}") from exc
 
 
-def _run(model: nn.Module, name: str, data: Dataset, bs: int, dev: Any, keys: Any) -> list[Tensor]:
-    """Return [preds, labels, groups, per-sample CE losses] of ``model`` on ``data``, on CPU."""
+class Predictions(NamedTuple):
+    """Per-sample outputs of a model on one data set, on CPU (see :func:`predict`).
+
+    Attributes:
+        preds: LongTensor[N], the arg-max class.
+        labels: LongTensor[N].
+        groups: LongTensor[N].
+        losses: FloatTensor[N], per-sample cross-entropy.
+    """
+
+    preds: Tensor
+    labels: Tensor
+    groups: Tensor
+    losses: Tensor
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode under ``no_grad``; restore every training flag."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def predict(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    name: str = "data",
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    input_key: str | None = None,
+    label_key: str | None = None,
+    group_key: str = "group",
+) -> Predictions:
+    """Run ``model`` over ``data`` in order and return its per-sample :class:`Predictions`.
+
+    The same loop :func:`evaluate` runs for each set: ``eval()`` mode under
+    ``torch.no_grad``, every module's training flag restored afterwards.
+
+    Args:
+        model: The classifier; its output must carry logits [B, C].
+        data: Yields ``(inputs, label, group)`` tuples or mappings.
+        name: The set's name in error messages.
+        batch_size: Evaluation batch size.
+        device: Where to run; ``None`` uses the device of the model's first parameter.
+        input_key: Input column of mapping items (see :func:`miu_hooks.data.split_batch`).
+        label_key: Label column of mapping items.
+        group_key: Group column of mapping items.
+
+    Raises:
+        GroupRangeError: A label is outside the logits' classes.
+        DataError: ``data`` is empty.
+
+    Example:
+        >>> ds = torch.utils.data.TensorDataset(
+        ...     torch.eye(2), torch.tensor([0, 0]), torch.tensor([0, 3]))
+        >>> p = predict(nn.Identity(), ds)
+        >>> p.preds.tolist(), p.labels.tolist(), p.groups.tolist()
+        ([0, 1], [0, 0], [0, 3])
+    """
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    keys = {"input_key": input_key, "label_key": label_key, "group_key": group_key}
+    with _inference(model):
+        return _run(model, name, data, batch_size, device, keys)
+
+
+def _run(model: nn.Module, name: str, data: Dataset, bs: int, dev: Any, keys: Any) -> Predictions:
+    """Return the :class:`Predictions` of ``model`` on ``data`` (model already in inference)."""
     parts: list[list[Tensor]] = [[], [], [], []]
     for raw in DataLoader(data, batch_size=bs, shuffle=False):
         batch = split_batch(raw, **keys).to(dev)
@@ -124,7 +199,7 @@ def _run(model: nn.Module, name: str, data: Dataset, bs: int, dev: Any, keys: An
             part.append(t.cpu())
     if not parts[0]:
         raise DataError(f"the {name} set is empty")
-    return [torch.cat(part) for part in parts]
+    return Predictions(*(torch.cat(part) for part in parts))
 
 
 def evaluate(
@@ -185,14 +260,8 @@ def evaluate(
     keys = {"input_key": input_key, "label_key": label_key, "group_key": group_key}
     sets = {"retain": retain, "forget": forget, "test": test}
     sets.update({} if val is None else {"val": val})
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = {k: _run(model, k, d, batch_size, device, keys) for k, d in sets.items()}
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with _inference(model):
+        out = {k: _run(model, k, d, batch_size, device, keys) for k, d in sets.items()}
     if num_groups is None:
         num_groups = max(int(o[2].max()) for o in out.values()) + 1
     counts = {k: dict(enumerate(group_counts(o[2], num_groups).tolist())) for k, o in out.items()}

@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from miu_hooks.atomic import atomic_write_folder, atomic_write_text
 from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
 from miu_hooks.cli.load import build_model, image_settings, load_dataset, load_model
 from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import GroupTensorDataset, forward_logits, split_batch
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import CheckpointError
-from miu_hooks.evaluation import evaluate
+from miu_hooks.evaluation import evaluate, predict
 from miu_hooks.metrics import accuracy, avg_gap, per_group_accuracy, tow
 from miu_hooks.original import save_weights
 from miu_hooks.runtime import resolve_device
@@ -70,24 +70,6 @@ def _take(data: Dataset, positions: np.ndarray) -> Dataset:
     return Subset(data, positions.tolist())
 
 
-def _predictions(model: nn.Module, data: Dataset, batch_size: int) -> tuple[torch.Tensor, ...]:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    preds, labels, groups = [], [], []
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            for raw in DataLoader(data, batch_size=batch_size, shuffle=False):
-                batch = split_batch(raw).to(device)
-                preds.append(forward_logits(model, batch.inputs).argmax(-1).cpu())
-                labels.append(batch.labels.cpu())
-                groups.append(batch.groups.cpu())
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-    return torch.cat(preds), torch.cat(labels), torch.cat(groups)
-
-
 def evaluate_model(
     model: nn.Module,
     *,
@@ -120,8 +102,8 @@ def evaluate_model(
             batch_size=batch_size,
         )
         return rep.to_dict()
-    r_pred, r_lab, r_grp = _predictions(model, retain, batch_size)
-    f_pred, f_lab, _ = _predictions(model, forget, batch_size)
+    r_pred, r_lab, r_grp, _ = predict(model, retain, name="retain", batch_size=batch_size)
+    f_pred, f_lab, _, _ = predict(model, forget, name="forget", batch_size=batch_size)
     per_group = per_group_accuracy(r_pred, r_lab, r_grp, num_groups)
     return {
         "RA": accuracy(r_pred, r_lab),

@@ -211,6 +211,36 @@ def test_run_without_test_set_reports_retain_metrics(ws: Workspace, tmp_path: Pa
     assert set(report["models"]["unlearned"]) == {"RA", "FA", "per_group"}
 
 
+def test_retain_only_metrics_use_the_evaluation_loop() -> None:
+    from miu_hooks.cli.run import evaluate_model
+    from miu_hooks.data import GroupTensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).train()
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    g = 2 * y + torch.randint(0, 2, (40,))
+    retain, forget = (
+        GroupTensorDataset(x[:30], y[:30], g[:30]),
+        GroupTensorDataset(x[30:], y[30:], g[30:]),
+    )
+    kw = {
+        "retain": retain,
+        "forget": forget,
+        "val": None,
+        "num_groups": 4,
+        "num_sensitive": 2,
+        "forget_groups": (3,),
+    }
+    short = evaluate_model(model, test=None, **kw, batch_size=7)
+    full = evaluate_model(model, test=retain, **kw)
+    assert model.training  # the loop restores the training flags
+    assert (short["RA"], short["FA"]) == (full["RA"], full["FA"])
+    assert short["per_group"] == full["per_group"]  # the test set is the retain set here
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(-1)
+    assert short["RA"] == pytest.approx(100 * (pred[:30] == y[:30]).float().mean().item())
+
+
 @pytest.fixture(scope="module")
 def hf_folder(ws: Workspace) -> Path:
     transformers = pytest.importorskip("transformers")
