@@ -9,7 +9,7 @@ from bench_settings import Settings
 from torch import nn
 from torch.utils.data import DataLoader
 
-from miu_hooks import MIUConfig
+from miu_hooks import TrainConfig
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.unlearn import build_optimizer, build_scheduler
 
@@ -108,7 +108,7 @@ def flop_bound(model_macs: int, feature_dim: int, num_groups: int,
     return cached, cached + (model_macs + critic) / (3.0 * model_macs)
 
 
-def train_original(model: nn.Module, data: Any, cfg: MIUConfig) -> nn.Module:
+def train_original(model: nn.Module, data: Any, cfg: TrainConfig) -> nn.Module:
     """ERM on D with the Retrain recipe (same optimiser, schedule and batch size)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen)

@@ -10,9 +10,9 @@ from typing import Any
 
 from bench_settings import METRICS, REF, REF2, Settings, base_config
 
-from miu_hooks.methods.l1_sparse import DEFAULT_L1_ALPHA
-from miu_hooks.methods.salun import DEFAULT_SALUN_RATIO
-from miu_hooks.methods.scrub import SCRUB_DEFAULTS
+from miu_hooks import L1SparseConfig, SalUnConfig, SCRUBConfig
+
+SCRUB_DEFAULTS = {k: v for k, v in SCRUBConfig().to_dict().items() if k.startswith("scrub_")}
 
 OVERHEAD_MODELS = (
     ("mlp", "benchmark MLP"),
@@ -149,7 +149,7 @@ def notes(rows: list[dict[str, Any]], s: Settings) -> list[str]:
         "best-validation selection). Retrain starts from the Original's initial weights.",
         f"- Seeds {list(s.seeds)}: seed k fixes the data draw (noise, colours, splits), the "
         "forget split, the initial weights (shared by Original, Retrain and Retrain+RW) and "
-        "every run's `MIUConfig.seed`. Forget indices per row are in `results.json`.",
+        "every run's config `seed`. Forget indices per row are in `results.json`.",
         f"- GA is measured on few samples ({grain}), so differences of a few points are "
         "within noise; read the ± columns.",
         "- `neggrad` has no retain pass: REWEIGHT does not apply, so it has one row. Its "
@@ -158,8 +158,8 @@ def notes(rows: list[dict[str, Any]], s: Settings) -> list[str]:
         f"- E = {s.unlearn_epochs} unlearning epochs at lr {s.unlearn_lr} for every method; MIU "
         f"and SCRUB take E_f = {math.ceil(s.unlearn_epochs / 2)} forget epochs (the paper's "
         "E_f / E = 5 / 10). All other settings are the library defaults (METHOD.md §4, §6), "
-        f"not tuned: SCRUB {json.dumps(SCRUB_DEFAULTS)}, L1-sparse α0 = {DEFAULT_L1_ALPHA}, "
-        f"SalUn ratio {DEFAULT_SALUN_RATIO}; MIU λ = {cfg.mi_weight}, critics "
+        f"not tuned: SCRUB {json.dumps(SCRUB_DEFAULTS)}, L1-sparse α0 = {L1SparseConfig.l1_alpha}, "
+        f"SalUn ratio {SalUnConfig.salun_ratio}; MIU λ = {cfg.mi_weight}, critics "
         f"{cfg.mine_hidden} wide, mine_lr {cfg.mine_lr}, {cfg.mine_warmup_iters}/"
         f"{cfg.mine_iters} tuning steps, critic_init={cfg.critic_init!r}, "
         f"max_grad_norm={cfg.max_grad_norm}, clip={cfg.clip!r}.",

@@ -6,8 +6,9 @@ import dataclasses
 import math
 from typing import Any
 
-from miu_hooks import MIUConfig
+from miu_hooks import TrainConfig, config_fields
 from miu_hooks.demo import ColoredSplits, colored_digits, find_fashion_mnist
+from miu_hooks.methods import config_class
 from miu_hooks.metrics import GAP_METRICS
 
 REF, REF2 = "retrain_reweight", "retrain"
@@ -26,14 +27,13 @@ METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("salun_reweight", "salun_reweight", {}),
     ("scrub", "scrub", {}),
     ("scrub_reweight", "scrub_reweight", {}),
-    ("miu", "miu", {"reweight": True}),  # METHOD §2: MIU always samples with REWEIGHT
+    ("miu", "miu", {}),  # METHOD §2: MIU samples with REWEIGHT (its default)
     ("miu_no_reweight", "miu", {"reweight": False}),  # ablations (--ablation)
-    ("miu_independent_critics", "miu", {"reweight": True, "critic_init": "independent"}),
-    ("miu_lambda10", "miu", {"reweight": True, "mi_weight": 10.0}),  # METHOD §4's r=0.5 λ
-    ("miu_lambda10_independent", "miu",
-     {"reweight": True, "mi_weight": 10.0, "critic_init": "independent"}),
-    ("miu_clip", "miu", {"reweight": True, "max_grad_norm": 1.0}),
-    ("miu_lambda10_clip", "miu", {"reweight": True, "mi_weight": 10.0, "max_grad_norm": 1.0}),
+    ("miu_independent_critics", "miu", {"critic_init": "independent"}),
+    ("miu_lambda10", "miu", {"mi_weight": 10.0}),  # METHOD §4's r=0.5 λ
+    ("miu_lambda10_independent", "miu", {"mi_weight": 10.0, "critic_init": "independent"}),
+    ("miu_clip", "miu", {"max_grad_norm": 1.0}),
+    ("miu_lambda10_clip", "miu", {"mi_weight": 10.0, "max_grad_norm": 1.0}),
 )  # fmt: skip
 ABLATION_ROWS = ("miu_no_reweight", "miu_independent_critics", "miu_lambda10",
                  "miu_lambda10_independent")  # fmt: skip
@@ -86,24 +86,28 @@ QUICK = Settings(
 )  # fmt: skip
 
 
-def base_config(s: Settings, seed: int, **kw: Any) -> MIUConfig:
-    """The shared unlearning recipe (library defaults otherwise, see RESULTS.md).
+def base_config(s: Settings, seed: int, method: str = "miu", **kw: Any) -> Any:
+    """The shared unlearning recipe as ``method``'s config (library defaults otherwise).
 
-    E_f (MIU's and SCRUB's forget epochs) keeps the paper's proportion E_f / E = 5 / 10.
+    E_f (MIU's and SCRUB's forget epochs) keeps the paper's proportion E_f / E = 5 / 10;
+    REWEIGHT follows the method name.
     """
-    opts: dict[str, Any] = dict(
-        epochs=s.unlearn_epochs, forget_epochs=math.ceil(s.unlearn_epochs / 2),
-        lr=s.unlearn_lr, batch_size=s.batch_size, seed=seed,
-        device="cpu", reweight=False, mine_warmup_iters=s.mine_warmup_iters,
-        mine_iters=s.mine_iters,
-    )  # fmt: skip
+    cls = config_class(method)
+    fields = {f.name for f in config_fields(cls)}
+    opts: dict[str, Any] = dict(epochs=s.unlearn_epochs, lr=s.unlearn_lr,
+                                batch_size=s.batch_size, seed=seed, device="cpu")  # fmt: skip
+    if "forget_epochs" in fields:
+        opts["forget_epochs"] = math.ceil(s.unlearn_epochs / 2)
+    if "mine_iters" in fields:
+        opts.update(mine_warmup_iters=s.mine_warmup_iters, mine_iters=s.mine_iters)
     opts.update(kw)
-    return MIUConfig(**opts)
+    return cls(**opts)
 
 
-def train_config(s: Settings, seed: int) -> MIUConfig:
+def train_config(s: Settings, seed: int) -> TrainConfig:
     """The Original/Retrain recipe: SGD + momentum, cosine, ``train_epochs`` at ``train_lr``."""
-    return base_config(s, seed, epochs=s.train_epochs, lr=s.train_lr)
+    return TrainConfig(epochs=s.train_epochs, lr=s.train_lr, batch_size=s.batch_size, seed=seed,
+                       device="cpu")  # fmt: skip
 
 
 def load_data(name: str, seed: int, s: Settings) -> ColoredSplits:

@@ -59,7 +59,7 @@ def step_overhead(model_fn: Callable[[int], nn.Module], data: ColoredSplits, s: 
     loader = DataLoader(IndexedDataset(retain), batch_size=s.batch_size, sampler=sampler)
     batches = [split_batch(raw) for raw in loader][:steps]
     original = model_fn(seed).eval()
-    cfg = base_config(s, seed, reweight=True)
+    cfg = base_config(s, seed)  # MIU's (REWEIGHT on)
     variants: dict[str, Any] = {}
     for name in ("ce", "miu_cache", "miu_nocache"):
         model = copy.deepcopy(original).train()
@@ -126,7 +126,7 @@ def whole_run(model_fn: Callable[[int], nn.Module], s: Settings, size: int = 16,
         for method in order[k % 3 :] + order[: k % 3]:
             is_retrain = method.startswith("retrain")
             model = copy.deepcopy(init if is_retrain else original)
-            cfg = train_config(s, seed) if is_retrain else base_config(s, seed)
+            cfg = train_config(s, seed) if is_retrain else base_config(s, seed, method)
             start = time.perf_counter()
             unlearn(model, retain, forget, config=cfg, method=method, num_groups=4)
             runs[method].append(time.perf_counter() - start)

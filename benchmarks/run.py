@@ -77,7 +77,8 @@ def run_cell(name: str, seed: int, ratio: float, original: nn.Module, init: nn.M
             continue
         is_retrain = method.startswith("retrain")
         model = copy.deepcopy(init if is_retrain else original)
-        cfg = (train_config(s, seed) if is_retrain else base_config(s, seed)).replace(**changes)
+        base = train_config(s, seed) if is_retrain else base_config(s, seed, method)
+        cfg = base.replace(**changes)
         timer = PhaseTimer()
         start, diverged = time.perf_counter(), None
         try:

@@ -21,7 +21,14 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
-    from miu_hooks.config import MIUConfig
+    from miu_hooks.config import (
+        L1SparseConfig,
+        MIUConfig,
+        SalUnConfig,
+        SCRUBConfig,
+        TrainConfig,
+    )
+    from miu_hooks.config_base import ConfigField, config_fields
     from miu_hooks.data import (
         Batch,
         GroupTensorDataset,
@@ -34,14 +41,18 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from miu_hooks.engine import MIUHandle, attach
     from miu_hooks.errors import (
         CheckpointError,
+        ConfigError,
+        ConfigTypeError,
         DataError,
         EmptyForgetSetError,
         EmptyGroupError,
         FeatureModuleNotFoundError,
         GroupRangeError,
         MIUError,
+        ModelError,
         NoClassifierOutputError,
         NonFiniteLossError,
+        StateError,
     )
     from miu_hooks.estimators import MIEstimator
     from miu_hooks.evaluation import Report, evaluate
@@ -54,13 +65,14 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         group_weights,
         log_mean_exp,
     )
-    from miu_hooks.methods import available_methods, register_method
+    from miu_hooks.methods import available_methods, register_method, resolve_run
     from miu_hooks.original import load_original, load_weights, save_weights
     from miu_hooks.runtime import LocalRuntime, Runtime
     from miu_hooks.sampling import GroupReweightSampler, ResampledView
     from miu_hooks.splits import forget_split, subset
     from miu_hooks.taps import FeatureTap, resolve_head
     from miu_hooks.unlearn import unlearn
+    from miu_hooks.validation import validate
 
 __version__ = "0.1.0"
 
@@ -68,6 +80,9 @@ __all__ = [
     "Batch",
     "CheckpointError",
     "ColoredSplits",
+    "ConfigError",
+    "ConfigField",
+    "ConfigTypeError",
     "DataError",
     "EmptyForgetSetError",
     "EmptyGroupError",
@@ -77,21 +92,28 @@ __all__ = [
     "GroupReweightSampler",
     "GroupTensorDataset",
     "IndexedDataset",
+    "L1SparseConfig",
     "LocalRuntime",
     "MIEstimator",
     "MIUConfig",
     "MIUError",
     "MIUHandle",
+    "ModelError",
     "NoClassifierOutputError",
     "NonFiniteLossError",
     "Report",
     "ResampledView",
     "Runtime",
+    "SCRUBConfig",
+    "SalUnConfig",
+    "StateError",
+    "TrainConfig",
     "__version__",
     "attach",
     "available_methods",
     "calibration_loss",
     "colored_digits",
+    "config_fields",
     "dataset_groups",
     "dv_bound",
     "ema_log_mean_exp",
@@ -106,16 +128,19 @@ __all__ = [
     "log_mean_exp",
     "register_method",
     "resolve_head",
+    "resolve_run",
     "save_weights",
     "split_batch",
     "subset",
     "unlearn",
+    "validate",
 ]
 
 
 # Public name -> submodule that defines it (loaded on first access).
 _SOURCES: dict[str, tuple[str, ...]] = {
-    "config": ("MIUConfig",),
+    "config": ("L1SparseConfig", "MIUConfig", "SCRUBConfig", "SalUnConfig", "TrainConfig"),
+    "config_base": ("ConfigField", "config_fields"),
     "data": (
         "Batch", "GroupTensorDataset", "IndexedDataset", "dataset_groups", "forward_logits",
         "split_batch",
@@ -123,16 +148,16 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "demo.toy_data": ("ColoredSplits", "colored_digits"),
     "engine": ("MIUHandle", "attach"),
     "errors": (
-        "CheckpointError", "DataError", "EmptyForgetSetError", "EmptyGroupError",
-        "FeatureModuleNotFoundError", "GroupRangeError", "MIUError", "NoClassifierOutputError",
-        "NonFiniteLossError",
+        "CheckpointError", "ConfigError", "ConfigTypeError", "DataError", "EmptyForgetSetError",
+        "EmptyGroupError", "FeatureModuleNotFoundError", "GroupRangeError", "MIUError",
+        "ModelError", "NoClassifierOutputError", "NonFiniteLossError", "StateError",
     ),
     "estimators": ("MIEstimator",),
     "functional": (
         "calibration_loss", "dv_bound", "ema_log_mean_exp", "group_counts", "group_index",
         "group_weights", "log_mean_exp",
     ),
-    "methods": ("available_methods", "register_method"),
+    "methods": ("available_methods", "register_method", "resolve_run"),
     "evaluation": ("Report", "evaluate"),
     "original": ("load_original", "load_weights", "save_weights"),
     "runtime": ("LocalRuntime", "Runtime"),
@@ -140,6 +165,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "splits": ("forget_split", "subset"),
     "taps": ("FeatureTap", "resolve_head"),
     "unlearn": ("unlearn",),
+    "validation": ("validate",),
 }  # fmt: skip
 _EXPORTS = {name: module for module, names in _SOURCES.items() for name in names}
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from miu_hooks.errors import ConfigTypeError, DataError
 from miu_hooks.runtime import LocalRuntime
 
 __all__ = [
@@ -73,7 +74,7 @@ def all_gather_cat(tensor: Tensor, group: object = None, *, check_sizes: bool = 
         Tensor[W·B, ...], rank 0's rows first; ``tensor`` itself with one process.
 
     Raises:
-        ValueError: Ranks passed different batch sizes.
+        DataError: Ranks passed different batch sizes.
 
     Example:
         >>> all_gather_cat(torch.ones(2, 3)).shape  # one process: unchanged
@@ -88,7 +89,7 @@ def all_gather_cat(tensor: Tensor, group: object = None, *, check_sizes: bool = 
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
         largest, smallest = int(sizes[0]), -int(sizes[1])
         if largest != smallest:
-            raise ValueError(
+            raise DataError(
                 f"the global-batch MI estimate needs the same batch size on every rank; got "
                 f"sizes between {smallest} and {largest} (this rank: {n}). Use drop_last=True, "
                 "a dataset size divisible by the global batch, or Accelerate's even_batches"
@@ -114,7 +115,7 @@ def all_reduce_mean_(tensor: Tensor, group: object = None) -> Tensor:
     if world == 1:
         return tensor
     if not tensor.is_floating_point():
-        raise TypeError(f"all_reduce_mean_ needs a floating-point tensor; got {tensor.dtype}")
+        raise ConfigTypeError(f"all_reduce_mean_ needs a floating-point tensor; got {tensor.dtype}")
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor.div_(world)
 
@@ -149,7 +150,7 @@ def average_gradients(
         return 0
     grads = [p.grad for p in parameters if p.grad is not None]
     if any(g.is_sparse for g in grads):
-        raise TypeError("average_gradients supports dense gradients only")
+        raise ConfigTypeError("average_gradients supports dense gradients only")
     limit = int(bucket_mb * 2**20)
     buckets: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
     for g in grads:

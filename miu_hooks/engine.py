@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from miu_hooks.clipping import adaptive_calibration_scale
 from miu_hooks.config import MIUConfig
 from miu_hooks.data import Batch, forward_logits, split_batch
-from miu_hooks.errors import NonFiniteLossError
+from miu_hooks.errors import ConfigError, ConfigTypeError, NonFiniteLossError
 from miu_hooks.estimators import MIEstimator
 from miu_hooks.functional import calibration_loss, check_group_range, checked_cross_entropy
 from miu_hooks.original import load_original
@@ -51,7 +51,7 @@ def resolve_original(model: nn.Module, original: OriginalSpec) -> nn.Module:
         # Used as is: put in eval mode, weights and requires_grad untouched (every
         # forward of the original runs under no_grad).
         return original.eval()
-    raise TypeError(
+    raise ConfigTypeError(
         f"original must be None, a safetensors path or an nn.Module; got {type(original).__name__}"
     )
 
@@ -118,7 +118,7 @@ class MIUHandle:
         self.num_groups = int(num_groups)
         self.runtime = runtime or LocalRuntime(resolve_device(config.device), config.precision)
         if config.clip == "adaptive" and getattr(self.runtime, "sharded", False):
-            raise ValueError(
+            raise ConfigError(
                 "MIUConfig.clip='adaptive' needs full per-parameter gradients, which sharded "
                 "models (FSDP, DeepSpeed, Megatron) do not expose; use clip='norm'"
             )
@@ -540,10 +540,10 @@ def attach(
     """
     config = config or MIUConfig()
     if num_groups < 1:
-        raise ValueError(f"num_groups must be >= 1; got {num_groups}")
+        raise ConfigError(f"num_groups must be >= 1; got {num_groups}")
     frozen = resolve_original(model, original)
     if frozen is unwrap_model(model):
-        raise ValueError("original must be a separate module, not the model being unlearned")
+        raise ConfigError("original must be a separate module, not the model being unlearned")
     return MIUHandle(
         model,
         config,

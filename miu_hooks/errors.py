@@ -9,19 +9,44 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
+    "ConfigTypeError",
     "DataError",
     "EmptyForgetSetError",
     "EmptyGroupError",
     "FeatureModuleNotFoundError",
     "GroupRangeError",
     "MIUError",
+    "ModelError",
     "NoClassifierOutputError",
     "NonFiniteLossError",
+    "StateError",
 ]
 
 
 class MIUError(Exception):
     """Base class of every error raised by ``miu_hooks`` on bad input or state."""
+
+
+class ConfigError(MIUError, ValueError):
+    """A setting or argument is unknown, misspelled, out of range or contradicts another.
+
+    Raised by the config classes (constructor, ``from_dict``, ``replace``), by
+    method names that are not registered, and by arguments of library objects.
+    The message names the setting, the value given and the fix.
+    """
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument has the wrong type (e.g. a feature module neither a name nor a module)."""
+
+
+class StateError(MIUError, RuntimeError):
+    """An object is used out of order (state restored before setup, a hook that never fired)."""
+
+
+class ModelError(MIUError, ValueError):
+    """The model does not fit the run (no trainable weights, too few classes, bad outputs)."""
 
 
 class DataError(MIUError, ValueError):

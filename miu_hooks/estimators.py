@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from miu_hooks.errors import ConfigError, ModelError
 from miu_hooks.functional import check_group_range, ema_log_mean_exp, log_mean_exp
 
 __all__ = ["MIEstimator"]
@@ -53,12 +54,12 @@ class MIEstimator(nn.Module):
     def __init__(self, feature_dim: int, num_groups: int, hidden: int = 512, ema: float = 0.01):
         super().__init__()
         if feature_dim < 1 or num_groups < 1 or hidden < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"MIEstimator needs feature_dim, num_groups and hidden >= 1; got "
                 f"{feature_dim}, {num_groups}, {hidden}"
             )
         if not 0 < ema <= 1:
-            raise ValueError(f"MIEstimator ema must be in (0, 1]; got {ema}")
+            raise ConfigError(f"MIEstimator ema must be in (0, 1]; got {ema}")
         self.feature_dim = int(feature_dim)
         self.num_groups = int(num_groups)
         self.ema = float(ema)
@@ -82,7 +83,7 @@ class MIEstimator(nn.Module):
 
     def _check(self, z: Tensor, *group_sets: Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.feature_dim:
-            raise ValueError(
+            raise ModelError(
                 f"MIEstimator expects features [B, {self.feature_dim}]; got {tuple(z.shape)}"
             )
         if group_sets:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from miu_hooks.errors import ConfigError
+
 __all__ = ["LocalRuntime", "Runtime", "resolve_device", "unwrap_optimizer"]
 
 
@@ -31,11 +33,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"device {device!r} is not a torch device: use auto, cpu or cuda:N"
         ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
     return dev
 
 

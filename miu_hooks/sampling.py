@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
+from miu_hooks.errors import ConfigError, DataError
 from miu_hooks.functional import group_weights
+from miu_hooks.seeding import epoch_generator
 
 __all__ = ["GroupReweightSampler", "ResampledView"]
 
@@ -18,9 +20,13 @@ class GroupReweightSampler(Sampler[int]):
     r"""Sample retain indices with replacement, weight :math:`N_g(D)/N_g(D_r)` per group.
 
     The expected group frequencies of the drawn stream equal the training set's
-    :math:`N_g(D)/|D|` (METHOD.md §2). Draws depend only on the generator's
-    seed and the epoch (:meth:`set_epoch`), so every process of a distributed
-    run draws the same stream and can take its own shard of it.
+    :math:`N_g(D)/|D|` (docs/method.md §2). Each epoch is a
+    :class:`~torch.utils.data.WeightedRandomSampler` (with replacement) whose
+    generator is seeded by :func:`~miu_hooks.seeding.epoch_seed` from the
+    generator's initial seed and the epoch (:meth:`set_epoch`), so the stream is
+    a pure function of (seed, epoch): every process of a distributed run draws
+    the same stream and can take its own shard of it, and a resumed run draws
+    what an uninterrupted one would.
 
     Args:
         retain_groups: LongTensor[N_r], group of each retain sample.
@@ -50,19 +56,18 @@ class GroupReweightSampler(Sampler[int]):
     ) -> None:
         retain_groups = torch.as_tensor(retain_groups).long().reshape(-1)
         if retain_groups.numel() == 0:
-            raise ValueError("GroupReweightSampler needs a non-empty retain set")
+            raise DataError("GroupReweightSampler needs a non-empty retain set")
         self.group_weights = group_weights(train_groups, retain_groups, num_groups)
         self.weights = self.group_weights[retain_groups].double()
         self.num_samples = int(num_samples) if num_samples is not None else len(retain_groups)
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+            raise ConfigError(f"num_samples must be >= 1; got {num_samples}")
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(seed)
         self.generator = generator
         self.seed = seed
         self.epoch = 0
-        self._base_state = generator.get_state()
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration depend on ``epoch`` (same stream on every process)."""
@@ -71,21 +76,23 @@ class GroupReweightSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    def epoch_sampler(self) -> WeightedRandomSampler:
+        """Return this epoch's :class:`~torch.utils.data.WeightedRandomSampler`.
+
+        Its generator is seeded from ``generator.initial_seed()`` (the seed at
+        construction, or as re-seeded by a launcher that synchronises it) and
+        the epoch.
+        """
+        gen = epoch_generator(int(self.generator.initial_seed()), self.epoch)
+        weights: Any = self.weights  # a double tensor; torch annotates Sequence[float]
+        return WeightedRandomSampler(weights, self.num_samples, replacement=True, generator=gen)
+
     def draw(self) -> Tensor:
         """Return this epoch's LongTensor[num_samples] of retain positions."""
-        gen = torch.Generator()
-        gen.manual_seed(self._epoch_seed())
-        return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen)
-
-    def _epoch_seed(self) -> int:
-        # Derive from the generator's state at construction (or as re-seeded by a
-        # launcher that synchronises it) plus the epoch, so the stream is a pure
-        # function of (seed, epoch).
-        state_seed = int(self.generator.initial_seed())
-        return (state_seed * 1_000_003 + self.epoch) % (2**63 - 1)
+        return torch.tensor(list(self.epoch_sampler()), dtype=torch.long)
 
     def __iter__(self) -> Iterator[int]:
-        yield from self.draw().tolist()
+        yield from self.epoch_sampler()
 
     def state_dict(self) -> dict[str, Any]:
         """Return the epoch and seed, for checkpointing."""

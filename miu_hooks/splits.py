@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from miu_hooks.data import GroupTensorDataset, dataset_groups
-from miu_hooks.errors import DataError, EmptyForgetSetError, EmptyGroupError
+from miu_hooks.errors import ConfigError, DataError, EmptyForgetSetError, EmptyGroupError
 
 __all__ = ["forget_split", "subset"]
 
@@ -57,7 +57,7 @@ def forget_split(
         together cover ``range(N)``.
 
     Raises:
-        ValueError: ``ratio`` lies outside [0, 1] or ``forget_groups`` is empty.
+        ConfigError: ``ratio`` lies outside [0, 1] or ``forget_groups`` is empty.
         EmptyForgetSetError: The draw is empty (empty pool, or r * |pool| < 1).
         EmptyGroupError: The draw removes every sample of a group.
 
@@ -71,12 +71,12 @@ def forget_split(
     """
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"ratio is the fraction of the forget group to remove, in [0, 1]; got {ratio}"
         )
     wanted = torch.as_tensor(list(forget_groups), dtype=torch.long).reshape(-1)
     if wanted.numel() == 0:
-        raise ValueError("forget_groups is empty; pass at least one group id, e.g. (3,)")
+        raise ConfigError("forget_groups is empty; pass at least one group id, e.g. (3,)")
     groups = _as_groups(dataset_or_groups)
     pool = torch.nonzero(torch.isin(groups, wanted)).reshape(-1)
     k = math.floor(ratio * len(pool))

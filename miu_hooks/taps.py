@@ -14,7 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from miu_hooks.errors import FeatureModuleNotFoundError
+from miu_hooks.errors import (
+    ConfigError,
+    ConfigTypeError,
+    FeatureModuleNotFoundError,
+    StateError,
+)
 
 __all__ = ["FeatureTap", "infer_feature_dim", "resolve_head", "unwrap_model"]
 
@@ -99,7 +104,9 @@ def resolve_head(
             )
         return names[id(module)], module
     if module is not None:
-        raise TypeError(f"module must be a dotted name, an nn.Module or None; got {module!r}")
+        raise ConfigTypeError(
+            f"feature_module must be a dotted name, an nn.Module or None; got {module!r}"
+        )
 
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
@@ -179,7 +186,7 @@ class FeatureTap:
         num_classes: int | None = None,
     ) -> None:
         if when not in ("always", "train"):
-            raise ValueError(f"FeatureTap when={when!r}: choose 'always' or 'train'")
+            raise ConfigError(f"FeatureTap when={when!r}: choose 'always' or 'train'")
         self.name, self.module = resolve_head(model, module, num_classes=num_classes)
         self.when = when
         self.enabled = True
@@ -223,12 +230,12 @@ class FeatureTap:
         """Return the last recorded features and clear them.
 
         Raises:
-            RuntimeError: Nothing was recorded since the last ``pop``.
+            StateError: Nothing was recorded since the last ``pop`` (a ``RuntimeError``).
         """
         value, self._value = self._value, None
         if value is None:
             state = "removed" if not self.active else ("disabled" if not self.enabled else "active")
-            raise RuntimeError(
+            raise StateError(
                 f"feature tap on {self.name!r} did not fire (hook {state}): the forward did not "
                 "reach this module. Likely causes: the tap was attached after torch.compile "
                 "traced the model, the wrong layer was tapped (pass feature_module=...), or "

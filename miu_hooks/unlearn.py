@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,16 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from miu_hooks.atomic import atomic_save_safetensors
-from miu_hooks.config import MIUConfig
-from miu_hooks.data import dataset_groups
+from miu_hooks.config import TrainConfig
 from miu_hooks.engine import OriginalSpec, resolve_original
-from miu_hooks.errors import CheckpointError, DataError, EmptyForgetSetError
-from miu_hooks.functional import group_counts, group_weights
-from miu_hooks.methods import RunContext, resolve_method
+from miu_hooks.errors import CheckpointError
+from miu_hooks.methods import RunContext
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler, indexed
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.sampling import GroupReweightSampler
+from miu_hooks.seeding import epoch_seed
 from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
+from miu_hooks.validation import check_run, raise_first, split_problems
 
 __all__ = ["STATE_FILE", "build_optimizer", "build_scheduler", "check_split", "unlearn"]
 
@@ -39,9 +38,13 @@ def check_split(
 ) -> tuple[Tensor, int]:
     """Validate a retain/forget split and return ``(train_groups, num_groups)``.
 
+    Raises the first problem of :func:`~miu_hooks.validation.split_problems`,
+    naming the others in its message.
+
     Raises:
         EmptyForgetSetError: The forget set is empty.
         DataError: The retain set is empty.
+        ConfigError: ``num_groups < 1``.
         GroupRangeError: A group id lies outside ``[0, num_groups)``.
         EmptyGroupError: The forget set removes every sample of a group.
 
@@ -50,19 +53,12 @@ def check_split(
         >>> g.tolist(), n
         ([0, 1, 1, 1], 2)
     """
-    if forget_groups.numel() == 0:
-        raise EmptyForgetSetError("the forget set is empty: there is nothing to unlearn")
-    if retain_groups.numel() == 0:
-        raise DataError("the retain set is empty: unlearning everything leaves no model to keep")
-    train_groups = torch.cat([retain_groups, forget_groups])
-    if num_groups is None:
-        num_groups = int(train_groups.max()) + 1
-    group_counts(train_groups, num_groups)  # range check
-    group_weights(train_groups, retain_groups, num_groups)  # emptied-group check
+    problems, train_groups, num_groups = split_problems(retain_groups, forget_groups, num_groups)
+    raise_first(problems)
     return train_groups, num_groups
 
 
-def build_optimizer(model: nn.Module, config: MIUConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The model optimiser of the config (SGD with momentum, or AdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
@@ -73,7 +69,7 @@ def build_optimizer(model: nn.Module, config: MIUConfig) -> torch.optim.Optimize
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: MIUConfig
+    optimizer: torch.optim.Optimizer, config: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine over ``epochs`` (stepped once per epoch, no warm-up) or constant."""
     if config.scheduler == "cosine":
@@ -88,7 +84,7 @@ def _loaders(
     retain_groups: Tensor,
     train_groups: Tensor,
     num_groups: int,
-    cfg: MIUConfig,
+    cfg: TrainConfig,
 ) -> tuple[SeededLoader, SeededLoader, SeededLoader]:
     if cfg.reweight:
         retain_sampler: Any = GroupReweightSampler(
@@ -116,6 +112,7 @@ def _save_state(
     path: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     method_state: dict[str, Tensor],
     epoch: int,
     meta: dict[str, str],
@@ -127,12 +124,13 @@ def _save_state(
     tensors.update(
         {f"method.{k}": v.detach().cpu().clone().contiguous() for k, v in method_state.items()}
     )
-    atomic_save_safetensors(path, tensors, {**meta, "epoch": str(epoch)})
+    schedule = json.dumps(scheduler.state_dict())
+    atomic_save_safetensors(path, tensors, {**meta, "epoch": str(epoch), "scheduler": schedule})
 
 
 def _load_state(
     path: Path, meta: dict[str, str], device: torch.device
-) -> tuple[int, dict[str, Tensor]]:
+) -> tuple[int, dict[str, Tensor], dict[str, Any]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -148,7 +146,25 @@ def _load_state(
                 f"resume state {path} was written with a different {key}; "
                 "use a new state directory or the same settings"
             )
-    return int(saved_meta["epoch"]), tensors
+    try:
+        schedule = json.loads(saved_meta["scheduler"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"resume state {path} has no readable scheduler state (written by an older "
+            "version?); use a new state directory"
+        ) from exc
+    return int(saved_meta["epoch"]), tensors, schedule
+
+
+def _restore_schedule(
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> None:
+    """Load the scheduler's saved state and the learning rates it had set."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
 
 
 def unlearn(
@@ -156,11 +172,11 @@ def unlearn(
     retain: Dataset,
     forget: Dataset,
     *,
-    config: MIUConfig | None = None,
+    config: TrainConfig | None = None,
     original: OriginalSpec = None,
     feature_module: str | nn.Module | None = None,
     num_groups: int | None = None,
-    method: str = "miu",
+    method: str | None = None,
     state_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_epoch_end: EpochCallback | None = None,
@@ -176,17 +192,33 @@ def unlearn(
     same weights (CPU), and a run resumed from ``state_dir`` matches an
     uninterrupted one. The caller's global RNG state is restored afterwards.
 
+    Every problem :func:`~miu_hooks.validation.validate` finds is checked
+    before any work: the first is raised (its own type), the others are named
+    in its message.
+
+    Settings: each method takes its config class (``MIUConfig`` for ``miu``,
+    ``SalUnConfig`` for ``salun``..., ``TrainConfig`` for ``finetune``,
+    ``retrain``, ``neggrad`` and ``random_labels``). Without ``method=`` the
+    method follows the config's class (``"miu"`` when ``config`` is ``None``).
+    A config of another class is converted: the settings changed from its
+    class's defaults carry over, the method's defaults fill the rest, and a
+    changed setting the method does not have is a ``ConfigError``
+    (:func:`~miu_hooks.methods.resolve_run`). ``X`` runs without REWEIGHT and
+    ``X_reweight`` with it; MIU samples with REWEIGHT unless ``reweight=False``.
+
     Args:
         model: The trained classifier to unlearn (or, for ``retrain*``, a fresh one).
         retain: The retain set D_r.
         forget: The forget set D_f.
-        config: Run configuration; ``MIUConfig()`` by default.
+        config: Run settings, of the method's config class or converted to it
+            (default: the method's defaults).
         original: The original model for MIU's calibration: ``None`` (``model`` as
             passed in), a safetensors path, or a module used as is.
         feature_module: Head override for the feature tap (dotted name or module).
         num_groups: |G|; default ``max group id + 1``.
         method: A registered method (``miu``, ``finetune``, ``retrain``, ... and
-            their ``_reweight`` variants; see ``available_methods()``).
+            their ``_reweight`` variants; see ``available_methods()``), or
+            ``None``: the method of the config's class.
         state_dir: Folder for a resumable per-epoch state file.
         resume: Continue from ``state_dir``'s state when it exists.
         on_epoch_end: Called as ``fn(epoch, logs)`` after each epoch.
@@ -197,6 +229,8 @@ def unlearn(
         ``model``, unlearned.
 
     Raises:
+        ConfigError: Unknown method, an invalid or foreign setting, or a
+            ``reweight`` that contradicts the method name.
         EmptyForgetSetError: ``forget`` is empty.
         EmptyGroupError: The forget set removes every sample of a group.
         GroupRangeError: Group ids or labels are out of range.
@@ -211,18 +245,26 @@ def unlearn(
         >>> g = y * 2 + torch.randint(0, 2, (40,))
         >>> retain, forget = TensorDataset(x[8:], y[8:], g[8:]), TensorDataset(x[:8], y[:8], g[:8])
         >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> from miu_hooks.config import MIUConfig
         >>> cfg = MIUConfig(epochs=2, forget_epochs=1, batch_size=8, mine_hidden=16,
         ...                 mine_warmup_iters=5, mine_iters=2, device="cpu")
         >>> unlearn(net, retain, forget, config=cfg, num_groups=4) is net
         True
     """
-    cfg = config or MIUConfig()
-    method_cls, force_reweight = resolve_method(method)
-    if force_reweight:
-        cfg = cfg.replace(reweight=True)
-    retain_groups = dataset_groups(retain, cfg.group_key)
-    forget_groups = dataset_groups(forget, cfg.group_key)
-    train_groups, num_groups = check_split(retain_groups, forget_groups, num_groups)
+    check = check_run(
+        model,
+        retain,
+        forget,
+        config,
+        method=method,
+        num_groups=num_groups,
+        feature_module=feature_module,
+    )
+    raise_first(check.problems)
+    assert check.run is not None  # no problem means the run resolved
+    name, method_cls, cfg = check.run
+    retain_groups, train_groups = check.retain_groups, check.train_groups
+    num_groups = check.num_groups
     rt = runtime or LocalRuntime(resolve_device(cfg.device), cfg.precision)
     model.to(rt.device)
     was_training = model.training
@@ -235,7 +277,7 @@ def unlearn(
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"method": method, "config": cfg.to_json()}
+    meta = {"method": name, "config": cfg.to_json()}
     fork_devices = [rt.device.index or 0] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
@@ -268,25 +310,24 @@ def unlearn(
         try:
             start = 0
             if resume and state_path is not None and state_path.exists():
-                done, tensors = _load_state(state_path, meta, rt.device)
+                done, tensors, schedule = _load_state(state_path, meta, rt.device)
                 model.load_state_dict(unprefixed(tensors, "model."))
                 load_flat_optimizer_state(optimizer, tensors, prefix="opt.")
                 runner.load_state_dict(unprefixed(tensors, "method."))
-                with warnings.catch_warnings():  # replaying the schedule, no optimizer step
-                    warnings.simplefilter("ignore", UserWarning)
-                    for _ in range(done + 1):
-                        scheduler.step()
+                _restore_schedule(scheduler, optimizer, schedule)
                 start = done + 1
-                logger.info("resuming %s after epoch %d from %s", method, done, state_path)
+                logger.info("resuming %s after epoch %d from %s", name, done, state_path)
             for epoch in range(start, cfg.epochs):
                 ctx.epoch = epoch
                 for loader in (retain_loader, forget_loader):
                     loader.set_epoch(epoch)
-                torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc., per epoch
+                torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout etc., per epoch
                 runner.run_epoch(ctx, epoch)
                 scheduler.step()
                 if state_path is not None:
-                    _save_state(state_path, model, optimizer, runner.state_dict(), epoch, meta)
+                    _save_state(
+                        state_path, model, optimizer, scheduler, runner.state_dict(), epoch, meta
+                    )
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, dict(ctx.logs))
                 logger.debug("epoch %d done: %s", epoch, json.dumps(ctx.logs))

@@ -105,7 +105,7 @@ class _Group(click.Group):
             raise click.exceptions.Exit(1) from None
 
 
-# Options that set the MIUConfig field of the same name (when given).
+# Options that set the config field of the same name (when given).
 _CONFIG_FIELDS = (
     "epochs", "forget_epochs", "lr", "mi_weight", "batch_size", "precision", "device", "seed",
     "mine_lr", "weight_decay", "optimizer", "scheduler", "max_grad_norm", "clip", "reweight",
@@ -114,7 +114,9 @@ _CONFIG_FIELDS = (
 
 
 def _config(path: str | None, opts: dict[str, Any]) -> Any:
-    from miu_hooks.config import MIUConfig
+    """The resolved config of ``--method`` (what runs, as recorded in the outputs)."""
+    from miu_hooks.errors import ConfigError
+    from miu_hooks.methods import config_class, resolve_run
 
     base: dict[str, Any] = {}
     if path is not None:
@@ -126,8 +128,9 @@ def _config(path: str | None, opts: dict[str, Any]) -> Any:
             raise click.BadParameter("must hold a JSON object", param_hint="--config")
     base.update({f: opts[f] for f in _CONFIG_FIELDS if opts.get(f) is not None})
     try:
-        return MIUConfig.from_dict(base)
-    except (TypeError, ValueError) as exc:
+        method = opts["method"]
+        return resolve_run(method, config_class(method).from_dict(base)).config
+    except ConfigError as exc:
         raise click.UsageError(_one_line(exc)) from None
 
 
@@ -215,7 +218,9 @@ _PATH = click.Path(dir_okay=True, path_type=str)
 @_opt("--val", type=_PATH, help="Held-out set for MIA (default: the test set).")
 @_opt("--reference", multiple=True, help="[NAME=]PATH of a retrained model (Gap, ToW).")
 @_opt("--method", default="miu", help="Method; `miu-unlearn methods` lists them.")
-@_opt("--config", "config_file", type=_PATH, help="JSON of MIUConfig fields (options win).")
+@_opt(
+    "--config", "config_file", type=_PATH, help="JSON of the method's config fields (options win)."
+)
 @_opt("--epochs", type=int, help="Unlearning epochs E.")
 @_opt("--forget-epochs", type=int, help="Epochs with a forget pass, E_f.")
 @_opt("--lr", type=float, help="Learning rate.")
@@ -234,7 +239,11 @@ _PATH = click.Path(dir_okay=True, path_type=str)
     type=click.Choice(["norm", "adaptive"]),
     help="Retain-step clipping: norm (max-grad-norm only) or adaptive (MINE) [norm].",
 )
-@_opt("--reweight/--no-reweight", default=None, help="REWEIGHT retain sampling.")
+@_opt(
+    "--reweight/--no-reweight",
+    default=None,
+    help="REWEIGHT retain sampling [X: off, X_reweight: on, miu: on]; must agree with --method.",
+)
 @_opt("--feature-module", help="Dotted name of the classification head.")
 @_opt("--id-column", default="id", help="Id column of the forget CSV.")
 @_opt("--input-key", help="Inputs tensor/column [inputs | path | image].")

@@ -16,6 +16,7 @@ import signal
 
 from miu_hooks.errors import (
     CheckpointError,
+    ConfigError,
     DataError,
     EmptyForgetSetError,
     EmptyGroupError,
@@ -80,7 +81,7 @@ EXIT_USAGE = 2
 EXIT_CODES: tuple[tuple[int, type[BaseException] | None, str], ...] = (
     (0, None, "success"),
     (EXIT_INTERNAL, None, "unexpected internal error (set MIU_HOOKS_DEBUG=1 for a traceback)"),
-    (EXIT_USAGE, None, "bad usage: unknown option or method, invalid option value"),
+    (EXIT_USAGE, ConfigError, "bad usage: unknown option or method, invalid option value"),
     (3, InputNotFoundError, "an input file or folder does not exist"),
     (4, CheckpointError, "unreadable, truncated or corrupt safetensors; keys/shapes mismatch"),
     (5, ArchitectureError, "no config.json and no --arch, or --arch cannot build the model"),

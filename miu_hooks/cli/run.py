@@ -32,10 +32,11 @@ from miu_hooks.atomic import atomic_write_folder, atomic_write_text
 from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
 from miu_hooks.cli.load import build_model, image_settings, load_dataset, load_model
 from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
-from miu_hooks.config import MIUConfig
+from miu_hooks.config import TrainConfig
 from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import CheckpointError
 from miu_hooks.evaluation import evaluate, predict
+from miu_hooks.methods import resolve_run
 from miu_hooks.metrics import accuracy, avg_gap, per_group_accuracy, tow
 from miu_hooks.original import save_weights
 from miu_hooks.runtime import resolve_device
@@ -121,7 +122,7 @@ def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]
     return value
 
 
-def _fingerprint(prep: Prepared, config: MIUConfig, method: str) -> dict[str, Any]:
+def _fingerprint(prep: Prepared, config: TrainConfig, method: str) -> dict[str, Any]:
     def data_id(p: Path | None) -> str | None:
         return None if p is None else (sha256_file(p) if p.is_file() else str(p.resolve()))
 
@@ -179,7 +180,7 @@ def _gaps(models: Mapping[str, Any], refs: list[str], names: list[str]) -> dict[
 def execute(
     prep: Prepared,
     *,
-    config: MIUConfig,
+    config: TrainConfig,
     method: str = "miu",
     feature_module: str | None = None,
     image_size: int | None = None,
@@ -191,7 +192,7 @@ def execute(
 
     Args:
         prep: Checked inputs (:func:`miu_hooks.cli.inputs.prepare`).
-        config: The run's :class:`MIUConfig`.
+        config: The run's config (resolved for ``method`` here; any method's config class).
         method: A registered method name (``available_methods()``).
         feature_module: Head override for the feature tap (dotted name).
         image_size: Side of image inputs (manifest or ``datasets`` images).
@@ -206,6 +207,7 @@ def execute(
         MIUError: Bad weights, data or numbers (NaN/Inf); nothing is left behind.
         KeyboardInterrupt: Interrupted; the work folder is kept for ``resume``.
     """
+    method, _, config = resolve_run(method, config)  # record what runs (e.g. reweight: true)
     with torch_threads(threads):
         return _execute(prep, config, method, feature_module, image_size, resume, console)
 
@@ -224,7 +226,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def _execute(
     prep: Prepared,
-    config: MIUConfig,
+    config: TrainConfig,
     method: str,
     feature_module: str | None,
     image_size: int | None,
@@ -329,7 +331,7 @@ def _execute(
 def _report(
     prep: Prepared,
     fingerprint: dict[str, Any],
-    config: MIUConfig,
+    config: TrainConfig,
     method: str,
     models: dict[str, Any],
     refs: list[str],

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from miu_hooks._imports import require
 from miu_hooks.data import GroupTensorDataset
-from miu_hooks.errors import DataError
+from miu_hooks.errors import ConfigError, DataError
 
 __all__ = ["ColoredSplits", "colored_digits", "find_fashion_mnist"]
 
@@ -152,7 +152,7 @@ def colored_digits(
         of ``(float32[N, 3, size, size], long[N], long[N])``.
 
     Raises:
-        ValueError: A probability, fraction, ``size``, ``max_samples`` or
+        ConfigError: A probability, fraction, ``size``, ``max_samples`` or
             ``source`` is out of range.
         FileNotFoundError: ``source="fashion"`` and the files are not installed.
         ImportError: ``source="digits"`` and scikit-learn is missing.
@@ -171,28 +171,28 @@ def colored_digits(
     """
     for name, p in (("label_noise", label_noise), ("color_flip", color_flip)):
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1]; got {p}")
+            raise ConfigError(f"{name} must lie in [0, 1]; got {p}")
     for name, p in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1); got {p}")
+            raise ConfigError(f"{name} must lie in [0, 1); got {p}")
     if test_fraction + val_fraction >= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"test_fraction + val_fraction must be < 1 to leave a training split; "
             f"got {test_fraction} + {val_fraction}"
         )
     if int(size) < 1:
-        raise ValueError(f"size must be a positive number of pixels; got {size}")
+        raise ConfigError(f"size must be a positive number of pixels; got {size}")
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-        raise ValueError(f"copies must be an integer >= 1; got {copies!r}")
+        raise ConfigError(f"copies must be an integer >= 1; got {copies!r}")
     if max_samples is not None and int(max_samples) < 1:
-        raise ValueError(f"max_samples must be >= 1 or None; got {max_samples}")
+        raise ConfigError(f"max_samples must be >= 1 or None; got {max_samples}")
 
     if source == "digits":
         images, classes = _load_sklearn_digits()
     elif source == "fashion":
         images, classes = _load_fashion_mnist(root)
     else:
-        raise ValueError(f"source must be 'digits' or 'fashion'; got {source!r}")
+        raise ConfigError(f"source must be 'digits' or 'fashion'; got {source!r}")
 
     gen = torch.Generator().manual_seed(int(seed))
     if max_samples is not None and max_samples < len(classes):

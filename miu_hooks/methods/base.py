@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from miu_hooks.config import MIUConfig
+from miu_hooks.config import TrainConfig
 from miu_hooks.data import Batch, IndexedDataset, forward_logits, split_batch
-from miu_hooks.errors import NonFiniteLossError
+from miu_hooks.errors import NonFiniteLossError, StateError
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.runtime import Runtime
+from miu_hooks.seeding import epoch_generator
 
 __all__ = [
+    "ReweightRule",
     "RunContext",
     "SeededLoader",
     "ShuffleSampler",
@@ -24,9 +26,23 @@ __all__ = [
     "checked_cross_entropy",
 ]
 
+C = TypeVar("C", bound=TrainConfig)
+
+#: How a method's name and ``config.reweight`` decide REWEIGHT (docs/method.md §2):
+#: ``"by_name"``: ``X`` runs without it and ``X_reweight`` with it; ``"default_on"``:
+#: on unless the config sets ``reweight=False`` (MIU; no ``_reweight`` name);
+#: ``"not_applicable"``: the method has no retain pass (NegGrad; no ``_reweight`` name).
+ReweightRule = Literal["by_name", "default_on", "not_applicable"]
+
 
 class ShuffleSampler(Sampler[int]):
     """A random permutation per epoch, a pure function of ``(seed, epoch)``.
+
+    Each epoch is a :class:`~torch.utils.data.RandomSampler` whose generator is
+    seeded by :func:`~miu_hooks.seeding.epoch_seed` ``(seed, epoch)``. It holds
+    one rather than being one, so that launchers which replace a
+    ``RandomSampler`` by their own (Accelerate does) keep this order. The
+    ``generator`` attribute is kept for launchers that look for one.
 
     Example:
         >>> s = ShuffleSampler(5, seed=1)
@@ -48,10 +64,12 @@ class ShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
+    def epoch_sampler(self) -> RandomSampler:
+        """Return this epoch's :class:`~torch.utils.data.RandomSampler` over ``range(size)``."""
+        return RandomSampler(range(self.size), generator=epoch_generator(self.seed, self.epoch))
+
     def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator()
-        gen.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
-        yield from torch.randperm(self.size, generator=gen).tolist()
+        yield from self.epoch_sampler()
 
 
 class SeededLoader(DataLoader):
@@ -70,7 +88,8 @@ class RunContext:
 
     Attributes:
         model: The model being unlearned (in place).
-        config: The run's config (``reweight`` already resolved).
+        config: The run's resolved config, an instance of the method's config
+            class (``reweight`` resolved; see :func:`miu_hooks.methods.resolve_run`).
         runtime: Device, precision and step execution.
         retain: Retain set D_r.
         forget: Forget set D_f.
@@ -87,7 +106,7 @@ class RunContext:
     """
 
     model: nn.Module
-    config: MIUConfig
+    config: TrainConfig
     runtime: Runtime
     retain: Dataset
     forget: Dataset
@@ -110,10 +129,24 @@ class RunContext:
         """The original model, in eval mode (use it under ``no_grad``)."""
         if self._original is None:
             if self.original_factory is None:
-                raise RuntimeError("this run has no original model")
+                raise StateError("this run has no original model")
             self._original = self.original_factory()
         self._original.eval()
         return self._original
+
+    def config_as(self, cls: type[C]) -> C:
+        """Return :attr:`config` typed as the method's config class ``cls``.
+
+        Raises:
+            StateError: The run's config is not a ``cls`` (the method was run
+                without :func:`~miu_hooks.methods.resolve_run`).
+        """
+        if not isinstance(self.config, cls):
+            raise StateError(
+                f"this method needs a {cls.__name__}; the run holds a "
+                f"{type(self.config).__name__} (resolve it with miu_hooks.methods.resolve_run)"
+            )
+        return self.config
 
     def split(self, raw: Any) -> Batch:
         """Split a raw batch with the config's keys and move it to the device."""
@@ -165,10 +198,21 @@ class UnlearningMethod:
     Subclasses implement :meth:`run_epoch`; :meth:`setup`/:meth:`teardown`
     bracket the run and :meth:`state_dict` carries what resuming needs beyond
     the model and optimizer.
+
+    Attributes:
+        name: The registered name (set by :func:`~miu_hooks.methods.register_method`).
+        config_class: The method's settings class (set at registration).
+        needs_original: Whether the run builds the frozen original model.
+        needs_features: Whether the method taps the head's input (checked by ``validate``).
+        reweight_rule: How the name and ``config.reweight`` decide REWEIGHT
+            (:data:`ReweightRule`).
     """
 
-    name = "base"
-    needs_original = False
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    needs_original: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+    reweight_rule: ClassVar[ReweightRule] = "by_name"
 
     def setup(self, ctx: RunContext) -> None:
         """Prepare per-run state (hooks, masks, caches)."""

@@ -11,7 +11,7 @@ __all__ = ["FineTune", "Retrain"]
 
 @register_method("finetune")
 class FineTune(UnlearningMethod):
-    """FT: minimise cross-entropy on D_r (REWEIGHT-sampled when configured)."""
+    """FT: minimise cross-entropy on D_r (REWEIGHT-sampled as ``finetune_reweight``)."""
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         self.retain_epoch(ctx, lambda logits, batch: checked_cross_entropy(logits, batch.labels))

@@ -1,4 +1,4 @@
-"""MIU: mutual-information unlearning with REWEIGHT (METHOD.md §3)."""
+"""MIU: mutual-information unlearning with REWEIGHT (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from miu_hooks.config import MIUConfig
 from miu_hooks.engine import MIUHandle, attach
 from miu_hooks.methods import register_method
 from miu_hooks.methods.base import RunContext, UnlearningMethod, indexed
@@ -43,17 +44,23 @@ def is_deterministic(dataset: Dataset, probes: int = 2) -> bool:
     return True
 
 
-@register_method("miu")
+@register_method("miu", config=MIUConfig)
 class MIU(UnlearningMethod):
-    """Forget pass minimising Î_u on D_f; retain pass with CE + λ·(Î_u − sg Î_o)²."""
+    """Forget pass minimising Î_u on D_f; retain pass with CE + λ·(Î_u − sg Î_o)².
+
+    Takes :class:`~miu_hooks.config.MIUConfig`; samples the retain set with
+    REWEIGHT unless ``reweight=False`` (the paper's ablation, with a warning).
+    """
 
     needs_original = True
+    needs_features = True
+    reweight_rule = "default_on"
 
     def __init__(self) -> None:
         self.handle: MIUHandle | None = None
 
     def setup(self, ctx: RunContext) -> None:
-        cfg = ctx.config
+        cfg = ctx.config_as(MIUConfig)
         if not cfg.reweight:
             logger.warning(
                 "MIU without REWEIGHT (config.reweight=False): the paper's ablate_rw setting; "

@@ -1,14 +1,14 @@
-r"""NegGrad (gradient ascent on the forget set; METHOD.md §6).
+r"""NegGrad (gradient ascent on the forget set; docs/method.md §6).
 
 .. math::
 
     \min_\theta\; -\frac{1}{|B_f|}\sum_{i \in B_f} \mathrm{CE}(f_\theta(x_i), y_i)
     \qquad \text{for every forget batch } B_f \text{ of every epoch.}
 
-There is no retain pass, so REWEIGHT does not apply: ``neggrad_reweight`` and
-``MIUConfig(reweight=True)`` run exactly the same updates as plain NegGrad.
-The objective is unbounded below; ``MIUConfig.max_grad_norm`` bounds each
-step, and a non-finite loss raises
+There is no retain pass, so REWEIGHT does not apply: there is no
+``neggrad_reweight``, and ``reweight=True`` with ``neggrad`` is refused.
+Settings: :class:`~miu_hooks.config.TrainConfig`. The objective is unbounded
+below; ``max_grad_norm`` bounds each step, and a non-finite loss raises
 :class:`~miu_hooks.errors.NonFiniteLossError` with the weights untouched.
 """
 
@@ -46,25 +46,27 @@ def negative_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 class NegGrad(UnlearningMethod):
     r"""NegGrad / GA: each epoch, one pass over D_f minimising :math:`-\mathrm{CE}`.
 
-    Runs for every one of the ``MIUConfig.epochs`` epochs (``forget_epochs`` is
-    not used). The retain set is never visited, so ``reweight`` has no effect.
+    Runs for every one of the ``epochs`` epochs. The retain set is never
+    visited, so REWEIGHT does not apply.
 
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from miu_hooks import MIUConfig, unlearn
+        >>> from miu_hooks import TrainConfig, unlearn
         >>> from miu_hooks.data import GroupTensorDataset
         >>> _ = torch.manual_seed(0)
         >>> x, y = torch.randn(12, 3), torch.tensor([0, 1] * 6)
         >>> ds = GroupTensorDataset(x, y, 2 * y)
         >>> net = nn.Linear(3, 2)
         >>> before = float(nn.functional.cross_entropy(net(x[:4]), y[:4]))
-        >>> cfg = MIUConfig(epochs=3, lr=0.1, batch_size=4, device="cpu", reweight=False)
+        >>> cfg = TrainConfig(epochs=3, lr=0.1, batch_size=4, device="cpu")
         >>> _ = unlearn(net, ds, GroupTensorDataset(x[:4], y[:4], 2 * y[:4]),
         ...             config=cfg, method="neggrad", num_groups=4)
         >>> float(nn.functional.cross_entropy(net(x[:4]), y[:4])) > before
         True
     """
+
+    reweight_rule = "not_applicable"
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         ctx.model.train()

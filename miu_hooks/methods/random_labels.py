@@ -1,4 +1,4 @@
-r"""RL: relabel the forget set at random, then fine-tune on the retain set (METHOD.md §6).
+r"""RL: relabel the forget set at random, then fine-tune on the retain set (docs/method.md §6).
 
 Each epoch runs two passes:
 
@@ -10,8 +10,11 @@ Each epoch runs two passes:
     \text{retain: } \min_\theta \mathrm{CE}(f_\theta(x), y).
 
 K is read from the logits. The random labels come from a generator seeded by
-``(config.seed, epoch)``, so a resumed run draws the same labels. With
-``reweight`` the retain pass reads the REWEIGHT stream (METHOD.md §2).
+``(config.seed, epoch)`` in a stream of their own
+(:data:`~miu_hooks.seeding.RANDOM_LABELS_STREAM`), so a resumed run draws the
+same labels. Settings: :class:`~miu_hooks.config.TrainConfig`; with
+``random_labels_reweight`` the retain pass reads the REWEIGHT stream
+(docs/method.md §2).
 """
 
 from __future__ import annotations
@@ -23,27 +26,15 @@ import torch
 from torch import Tensor
 
 from miu_hooks.data import Batch
+from miu_hooks.errors import ModelError
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.methods import register_method
 from miu_hooks.methods.base import RunContext, UnlearningMethod
+from miu_hooks.seeding import RANDOM_LABELS_STREAM, epoch_generator
 
-__all__ = ["RandomLabels", "epoch_generator", "uniform_random_labels"]
+__all__ = ["RandomLabels", "uniform_random_labels"]
 
 LossFn = Callable[[Tensor, Batch], Tensor]
-
-
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """Return a CPU generator that is a pure function of ``(seed, epoch, stream)``.
-
-    Example:
-        >>> a = torch.randint(0, 9, (4,), generator=epoch_generator(1, 2))
-        >>> b = torch.randint(0, 9, (4,), generator=epoch_generator(1, 2))
-        >>> bool((a == b).all())
-        True
-    """
-    gen = torch.Generator()
-    gen.manual_seed((int(seed) * 1_000_003 + int(epoch) * 7919 + int(stream)) % (2**63 - 1))
-    return gen
 
 
 def uniform_random_labels(
@@ -63,7 +54,7 @@ def uniform_random_labels(
         LongTensor[B] on ``labels.device``.
 
     Raises:
-        ValueError: ``num_classes < 2`` (random relabelling needs two classes).
+        ModelError: ``num_classes < 2`` (random relabelling needs two classes).
 
     Example:
         >>> y = uniform_random_labels(torch.zeros(6, dtype=torch.long), 3, epoch_generator(0, 0))
@@ -71,7 +62,7 @@ def uniform_random_labels(
         (torch.Size([6]), True)
     """
     if num_classes < 2:
-        raise ValueError(f"random labels need at least 2 classes; the logits have {num_classes}")
+        raise ModelError(f"random labels need at least 2 classes; the logits have {num_classes}")
     drawn = torch.randint(0, int(num_classes), tuple(labels.shape), generator=generator)
     return drawn.to(labels.device)
 
@@ -92,7 +83,7 @@ class RandomLabels(UnlearningMethod):
         self.generator: torch.Generator | None = None
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
-        self.generator = epoch_generator(ctx.config.seed, epoch)
+        self.generator = epoch_generator(ctx.config.seed, epoch, RANDOM_LABELS_STREAM)
         self.run_pass(ctx, ctx.forget_loader, f"epoch {epoch} forget", self.forget_loss)
         self.run_pass(ctx, ctx.retain_loader, f"epoch {epoch} retain", self.retain_loss)
 

@@ -1,4 +1,4 @@
-r"""SalUn: random labels restricted to the weights salient for the forget set (METHOD.md §6).
+r"""SalUn: random labels restricted to the weights salient for the forget set (docs/method.md §6).
 
 The saliency mask is computed **once**, before the first step, on the original
 model (the model passed to :func:`~miu_hooks.unlearn`, in ``eval()`` mode):
@@ -14,30 +14,28 @@ forget batches, each a batch mean). Training then runs RL
 (:mod:`~miu_hooks.methods.random_labels`) with gradients multiplied by m in
 both passes, and the update obeys :math:`\theta = \theta_o + m \odot \Delta\theta`:
 after every step the non-salient entries are put back to their original
-values, so neither momentum nor weight decay moves them. ``MIUConfig.extra`` key:
-
-* ``"salun_ratio"``: :math:`\rho`, the fraction of weights that may change, default ``0.5``.
+values, so neither momentum nor weight decay moves them. Settings:
+:class:`~miu_hooks.config.SalUnConfig` (``salun_ratio`` is :math:`\rho`, the
+fraction of weights that may change).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from miu_hooks.config import MIUConfig
+from miu_hooks.config import SalUnConfig
 from miu_hooks.data import Batch
+from miu_hooks.errors import ConfigError, EmptyForgetSetError, ModelError, StateError
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.methods import register_method
 from miu_hooks.methods.base import RunContext
 from miu_hooks.methods.random_labels import RandomLabels
 
-__all__ = ["DEFAULT_SALUN_RATIO", "SalUn", "saliency_mask", "top_fraction_mask"]
-
-DEFAULT_SALUN_RATIO = 0.5
+__all__ = ["SalUn", "saliency_mask", "top_fraction_mask"]
 
 
 def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
@@ -51,7 +49,8 @@ def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tens
         ``{name: tensor of 0.0/1.0}`` shaped and typed like each score.
 
     Raises:
-        ValueError: ``ratio`` is outside (0, 1] or ``scores`` is empty.
+        ConfigError: ``ratio`` is outside (0, 1].
+        ModelError: ``scores`` is empty (no trainable parameters).
 
     Example:
         >>> scores = {"a": torch.tensor([3.0, 0.1]), "b": torch.tensor([2.0, 0.5])}
@@ -60,9 +59,9 @@ def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tens
         ([1.0, 0.0], [1.0, 0.0])
     """
     if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"the saliency ratio must lie in (0, 1]; got {ratio!r}")
+        raise ConfigError(f"the saliency ratio must lie in (0, 1]; got {ratio!r}")
     if not scores:
-        raise ValueError("top_fraction_mask: no scores (the model has no trainable parameters)")
+        raise ModelError("top_fraction_mask: no scores (the model has no trainable parameters)")
     names = list(scores)
     flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
     keep = torch.zeros_like(flat)
@@ -81,7 +80,7 @@ def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tens
 def saliency_mask(
     model: nn.Module,
     batches: Iterable[Batch],
-    ratio: float = DEFAULT_SALUN_RATIO,
+    ratio: float = SalUnConfig.salun_ratio,
     logits_fn: Callable[[Batch], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     r"""SalUn's mask: the global top-``ratio`` of :math:`|\sum_{B_f}\nabla_\theta(-\mathrm{CE})|`.
@@ -99,7 +98,8 @@ def saliency_mask(
         ``{parameter name: 0/1 tensor}`` for every trainable parameter.
 
     Raises:
-        ValueError: ``batches`` is empty or ``ratio`` is outside (0, 1].
+        EmptyForgetSetError: ``batches`` is empty.
+        ConfigError: ``ratio`` is outside (0, 1].
 
     Example:
         >>> net = nn.Linear(2, 2)
@@ -120,7 +120,7 @@ def saliency_mask(
             (-checked_cross_entropy(forward(batch), batch.labels)).backward()
             seen += 1
         if seen == 0:
-            raise ValueError("saliency_mask: the forget set yielded no batch")
+            raise EmptyForgetSetError("saliency_mask: the forget set yielded no batch")
         scores = {
             n: (p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p))
             for n, p in params.items()
@@ -133,17 +133,7 @@ def saliency_mask(
     return top_fraction_mask(scores, ratio)
 
 
-def _ratio(config: MIUConfig) -> float:
-    value: Any = config.extra.get("salun_ratio", DEFAULT_SALUN_RATIO)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not 0 < value <= 1:
-        raise ValueError(
-            f"MIUConfig.extra['salun_ratio']={value!r} is invalid: use a number in (0, 1]"
-        )
-    return float(value)
-
-
-@register_method("salun")
+@register_method("salun", config=SalUnConfig)
 class SalUn(RandomLabels):
     """SalUn: RL with the saliency mask on gradients and on the update (module docstring).
 
@@ -158,7 +148,7 @@ class SalUn(RandomLabels):
         self._model: nn.Module | None = None
 
     def setup(self, ctx: RunContext) -> None:
-        ratio = _ratio(ctx.config)
+        ratio = ctx.config_as(SalUnConfig).salun_ratio
         batches = ctx.batches(ctx.forget_loader, "saliency mask")
         self.mask = saliency_mask(ctx.model, batches, ratio, ctx.logits)
         self._model = ctx.model
@@ -187,7 +177,7 @@ class SalUn(RandomLabels):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if self.mask is None or self._model is None:
-            raise RuntimeError("setup() must run before load_state_dict()")
+            raise StateError("setup() must run before load_state_dict()")
         for n in self.mask:
             key = f"mask.{n}"
             if key in state:

@@ -1,6 +1,6 @@
 r"""SCRUB: a student moving away from the original model on D_f and towards it on D_r.
 
-METHOD.md §6. The teacher t is the frozen original model (``eval()`` mode),
+docs/method.md §6. The teacher t is the frozen original model (``eval()`` mode),
 the student s the model being unlearned, and
 
 .. math::
@@ -10,46 +10,37 @@ the student s the model being unlearned, and
 
 Epoch e runs, in order:
 
-1. if :math:`e < E_f` (``MIUConfig.forget_epochs``), a *max* pass over D_f minimising
+1. if :math:`e < E_f` (``forget_epochs``), a *max* pass over D_f minimising
    :math:`-\mathrm{KL}_T`;
 2. a *min* pass over D_r minimising :math:`\gamma\,\mathrm{CE} + \alpha\,\mathrm{KL}_T`,
    with retain batches of ``scrub_retain_batch_size`` samples drawn from the same
-   sampler as the run's retain loader (REWEIGHT when configured).
+   sampler as the run's retain loader (REWEIGHT with ``scrub_reweight``).
 
-``MIUConfig.extra`` keys and defaults:
-
-* ``"scrub_temperature"``: T, ``4.0``;
-* ``"scrub_kl_weight"``: :math:`\alpha`, ``0.001``;
-* ``"scrub_ce_weight"``: :math:`\gamma`, ``0.99``;
-* ``"scrub_retain_batch_size"``: ``128`` (``None``: ``MIUConfig.batch_size``).
+Settings: :class:`~miu_hooks.config.SCRUBConfig` (``scrub_temperature`` is T,
+``scrub_kl_weight`` :math:`\alpha`, ``scrub_ce_weight`` :math:`\gamma`).
 """
 
 from __future__ import annotations
-
-import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miu_hooks.config import MIUConfig
+from miu_hooks.config import SCRUBConfig
 from miu_hooks.data import Batch
+from miu_hooks.errors import ConfigError, ModelError
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.methods import register_method
 from miu_hooks.methods.base import RunContext, SeededLoader, UnlearningMethod
 
-__all__ = ["SCRUB", "SCRUB_DEFAULTS", "distill_kl", "scrub_settings"]
-
-SCRUB_DEFAULTS: dict[str, Any] = {
-    "scrub_temperature": 4.0,
-    "scrub_kl_weight": 0.001,
-    "scrub_ce_weight": 0.99,
-    "scrub_retain_batch_size": 128,
-}
+__all__ = ["SCRUB", "distill_kl"]
 
 
-def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+def distill_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = SCRUBConfig.scrub_temperature,
+) -> Tensor:
     r"""Return :math:`\mathrm{KL}_T = T^2 \frac{1}{B}\sum_i \mathrm{KL}(p^t_i \| p^s_i)` in fp32.
 
     :math:`p_i = \mathrm{softmax}(\text{logits}_i / T)`; the teacher is detached.
@@ -63,7 +54,8 @@ def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
         A differentiable scalar (0 when the two distributions agree).
 
     Raises:
-        ValueError: ``temperature`` is not positive, or the shapes differ.
+        ConfigError: ``temperature`` is not positive.
+        ModelError: The shapes differ.
 
     Example:
         >>> t = torch.tensor([[2.0, 0.0]])
@@ -73,9 +65,9 @@ def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
         0.3278
     """
     if not temperature > 0:
-        raise ValueError(f"the distillation temperature must be > 0; got {temperature}")
+        raise ConfigError(f"the distillation temperature must be > 0; got {temperature}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
+        raise ModelError(
             f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
             f"{tuple(teacher_logits.shape)}"
         )
@@ -84,43 +76,12 @@ def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature**2
 
 
-def scrub_settings(config: MIUConfig) -> dict[str, Any]:
-    """Return SCRUB's settings: :data:`SCRUB_DEFAULTS` overridden by ``config.extra``.
-
-    Raises:
-        ValueError: A value is out of range (the message names the key).
-
-    Example:
-        >>> scrub_settings(MIUConfig(extra={"scrub_temperature": 2}))["scrub_temperature"]
-        2.0
-    """
-    out = {k: config.extra.get(k, v) for k, v in SCRUB_DEFAULTS.items()}
-
-    def bad(key: str, fix: str) -> ValueError:
-        return ValueError(f"MIUConfig.extra[{key!r}]={out[key]!r} is invalid: {fix}")
-
-    for key, positive in (("scrub_temperature", True), ("scrub_kl_weight", False),
-                          ("scrub_ce_weight", False)):  # fmt: skip
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise bad(key, "use a finite number")
-        if v < 0 or (positive and v == 0):
-            raise bad(key, "use a number > 0" if positive else "use a number >= 0")
-        out[key] = float(v)
-    bs = out["scrub_retain_batch_size"]
-    if bs is None:
-        out["scrub_retain_batch_size"] = config.batch_size
-    elif isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise bad("scrub_retain_batch_size", "use an integer >= 1, or None for batch_size")
-    return out
-
-
-@register_method("scrub")
+@register_method("scrub", config=SCRUBConfig)
 class SCRUB(UnlearningMethod):
     """SCRUB: max passes on D_f for ``forget_epochs`` epochs, a min pass on D_r every epoch.
 
     Attributes:
-        settings: The resolved :func:`scrub_settings`.
+        config: The run's :class:`~miu_hooks.config.SCRUBConfig`.
         retain_loader: Retain batches of ``scrub_retain_batch_size``, sharing the
             run's retain sampler (so ``set_epoch`` and REWEIGHT carry over).
     """
@@ -128,24 +89,24 @@ class SCRUB(UnlearningMethod):
     needs_original = True
 
     def __init__(self) -> None:
-        self.settings: dict[str, Any] = dict(SCRUB_DEFAULTS)
+        self.config = SCRUBConfig()
         self.retain_loader: SeededLoader | None = None
 
     def setup(self, ctx: RunContext) -> None:
-        self.settings = scrub_settings(ctx.config)
+        self.config = cfg = ctx.config_as(SCRUBConfig)
         base = ctx.retain_loader
         self.retain_loader = SeededLoader(
             base.dataset,
             sampler=base.sampler,
-            batch_size=self.settings["scrub_retain_batch_size"],
-            num_workers=ctx.config.num_workers,
+            batch_size=cfg.scrub_retain_batch_size or cfg.batch_size,
+            num_workers=cfg.num_workers,
         )
 
     def kl(self, ctx: RunContext, batch: Batch, student_logits: Tensor) -> Tensor:
         """:func:`distill_kl` of the student against the original model on ``batch``."""
         with torch.no_grad():
             teacher_logits = ctx.logits(batch, ctx.original)
-        return distill_kl(student_logits, teacher_logits, self.settings["scrub_temperature"])
+        return distill_kl(student_logits, teacher_logits, self.config.scrub_temperature)
 
     def forget_loss(self, ctx: RunContext, batch: Batch) -> Tensor:
         r"""The max step's loss on a forget batch, :math:`-\mathrm{KL}_T`."""
@@ -154,14 +115,14 @@ class SCRUB(UnlearningMethod):
     def retain_loss(self, ctx: RunContext, batch: Batch) -> Tensor:
         r"""The min step's loss on a retain batch, :math:`\gamma CE + \alpha KL_T`."""
         logits = ctx.logits(batch)
-        s = self.settings
+        cfg = self.config
         ce = checked_cross_entropy(logits, batch.labels)
-        return s["scrub_ce_weight"] * ce + s["scrub_kl_weight"] * self.kl(ctx, batch, logits)
+        return cfg.scrub_ce_weight * ce + cfg.scrub_kl_weight * self.kl(ctx, batch, logits)
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         assert self.retain_loader is not None, "setup() must run first"
         ctx.model.train()
-        if epoch < ctx.config.forget_epochs:
+        if epoch < self.config.forget_epochs:
             for batch in ctx.batches(ctx.forget_loader, f"epoch {epoch} forget"):
                 ctx.step(self.forget_loss(ctx, batch), "forget")
         for batch in ctx.batches(self.retain_loader, f"epoch {epoch} retain"):

@@ -45,6 +45,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "forget.csv").write_text("id,why\n3,request\n7,request\n11,request\n")
     cfg = {"mine_hidden": 8, "mine_warmup_iters": 2, "mine_iters": 1}
     (root / "miu.json").write_text(json.dumps(cfg))
+    (root / "loop.json").write_text("{}")  # the methods that take TrainConfig have no MIU knobs
     return root
 
 
@@ -75,10 +76,30 @@ def invoke(root: Path, out: Path, *extra: str, data: str = "train.safetensors") 
 
 @pytest.mark.parametrize("method", available_methods())
 def test_every_registered_method_runs(root: Path, tmp_path: Path, method: str) -> None:
-    res = invoke(root, tmp_path / "out", "--method", method, "-q")
+    config = root / ("miu.json" if method == "miu" else "loop.json")
+    res = invoke(root, tmp_path / "out", "--method", method, "--config", str(config), "-q")
     assert res.exit_code == 0, res.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == method and report["forgotten"] == 3
+    # The report records what ran: the name says whether REWEIGHT was on.
+    assert report["config"]["reweight"] is (method == "miu" or method.endswith("_reweight"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--method", "finetune_reweight", "--no-reweight"), "runs with REWEIGHT"),
+        (("--method", "retrain", "--reweight"), "runs without REWEIGHT"),
+        (("--method", "finetune", "--lambda", "3"), "mi_weight=3.0: it is a setting of MIUConfig"),
+        (("--method", "neggrad_reweight"), "no retain pass"),
+    ],
+)
+def test_settings_that_contradict_the_method_exit_2(
+    root: Path, tmp_path: Path, options: tuple[str, ...], message: str
+) -> None:
+    res = invoke(root, tmp_path / "out", *options, "--config", str(root / "loop.json"), "-q")
+    assert res.exit_code == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_image_manifest(root: Path, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def setup():
         nn.Linear(64, 2),
     )
     # Train the original on all of D (finetune on D with a one-sample "forget" set).
-    cfg = mh.MIUConfig(epochs=8, lr=0.05, batch_size=32, reweight=False, device="cpu")
+    cfg = mh.TrainConfig(epochs=8, lr=0.05, batch_size=32, device="cpu")
     mh.unlearn(
         original,
         data.train,
@@ -60,13 +60,9 @@ def test_miu_keeps_forget_group_accuracy_and_forgets(setup):
     cfg = mh.MIUConfig(
         epochs=4, forget_epochs=2, lr=0.05, batch_size=32, max_grad_norm=1.0, device="cpu"
     )
+    loop = mh.TrainConfig(epochs=4, lr=0.05, batch_size=32, max_grad_norm=1.0, device="cpu")
     plain = mh.unlearn(
-        copy.deepcopy(original),
-        retain,
-        forget,
-        method="finetune",
-        config=cfg.replace(reweight=False),
-        num_groups=4,
+        copy.deepcopy(original), retain, forget, method="finetune", config=loop, num_groups=4
     )
     miu = mh.unlearn(
         copy.deepcopy(original),

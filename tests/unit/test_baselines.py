@@ -12,16 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miu_hooks import MIUConfig, unlearn
+from miu_hooks import (
+    ConfigError,
+    L1SparseConfig,
+    ModelError,
+    SalUnConfig,
+    SCRUBConfig,
+    TrainConfig,
+    unlearn,
+)
 from miu_hooks.data import GroupTensorDataset
-from miu_hooks.methods import available_methods, resolve_method
+from miu_hooks.methods import available_methods, config_class, resolve_run
 from miu_hooks.methods import random_labels as rl_module
 from miu_hooks.methods import salun as salun_module
 from miu_hooks.methods.l1_sparse import L1Sparse, l1_alpha, l1_norm
 from miu_hooks.methods.neggrad import NegGrad
-from miu_hooks.methods.random_labels import RandomLabels, epoch_generator, uniform_random_labels
+from miu_hooks.methods.random_labels import RandomLabels, uniform_random_labels
 from miu_hooks.methods.salun import SalUn, saliency_mask, top_fraction_mask
-from miu_hooks.methods.scrub import SCRUB, distill_kl, scrub_settings
+from miu_hooks.methods.scrub import SCRUB, distill_kl
+from miu_hooks.seeding import epoch_generator
 
 pytestmark = pytest.mark.unit
 
@@ -65,18 +74,16 @@ def _net(seed: int = 0, out: int = 2, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(8, out))
 
 
-def _cfg(**kw: Any) -> MIUConfig:
-    base: dict[str, Any] = dict(
-        epochs=2, forget_epochs=1, batch_size=8, lr=0.05, device="cpu", reweight=False,
-        mine_hidden=8, mine_warmup_iters=2, mine_iters=1,
-    )  # fmt: skip
+def _cfg(cls: type[TrainConfig] = TrainConfig, **kw: Any) -> Any:
+    base: dict[str, Any] = dict(epochs=2, batch_size=8, lr=0.05, device="cpu")
     base.update(kw)
-    return MIUConfig(**base)
+    return cls(**base)
 
 
-def _sgd_cfg(**kw: Any) -> MIUConfig:
+def _sgd_cfg(cls: type[TrainConfig] = TrainConfig, **kw: Any) -> Any:
     """Plain full-batch gradient steps: no momentum, no decay, constant lr."""
-    return _cfg(momentum=0.0, weight_decay=0.0, scheduler="constant", batch_size=512, **kw)
+    base: dict[str, Any] = dict(momentum=0.0, weight_decay=0.0, scheduler="constant")
+    return _cfg(cls, **{**base, "batch_size": 512, **kw})
 
 
 class Recorder:
@@ -111,13 +118,21 @@ def _ce_on(model: nn.Module, ds: GroupTensorDataset) -> float:
 # -- registry -------------------------------------------------------------------------------------
 def test_registry_has_every_baseline_and_its_reweight_variant() -> None:
     names = available_methods()
-    for name in ("neggrad", "random_labels", "l1_sparse", "salun", "scrub"):
+    for name in ("random_labels", "l1_sparse", "salun", "scrub", "finetune", "retrain"):
         assert name in names and f"{name}_reweight" in names
-        cls, forced = resolve_method(f"{name}_reweight")
-        assert forced and cls.name == name
-    assert resolve_method("salun")[0] is SalUn and issubclass(SalUn, RandomLabels)
-    assert resolve_method("scrub")[0] is SCRUB and SCRUB.needs_original
-    assert resolve_method("l1_sparse")[0] is L1Sparse and resolve_method("neggrad")[0] is NegGrad
+        run = resolve_run(f"{name}_reweight", config_class(name)())
+        assert run.method_class.name == name and run.config.reweight is True
+        assert resolve_run(name, config_class(name)()).config.reweight is False
+    # NegGrad has no retain pass and MIU samples with REWEIGHT by default: no _reweight names.
+    assert "neggrad" in names and "neggrad_reweight" not in names and "miu_reweight" not in names
+    assert resolve_run("salun").method_class is SalUn and issubclass(SalUn, RandomLabels)
+    assert resolve_run("scrub").method_class is SCRUB and SCRUB.needs_original
+    assert resolve_run("l1_sparse").method_class is L1Sparse
+    assert resolve_run("neggrad").method_class is NegGrad
+    assert {m: config_class(m) for m in ("l1_sparse", "salun", "scrub", "neggrad")} == {
+        "l1_sparse": L1SparseConfig, "salun": SalUnConfig, "scrub": SCRUBConfig,
+        "neggrad": TrainConfig,
+    }  # fmt: skip
 
 
 # -- NegGrad --------------------------------------------------------------------------------------
@@ -133,19 +148,17 @@ def test_neggrad_is_one_gradient_ascent_step_on_the_forget_set() -> None:
         torch.testing.assert_close(p.detach(), q.detach() + lr * q.grad, msg=name)
 
 
-def test_neggrad_raises_forget_loss_and_ignores_reweight() -> None:
+def test_neggrad_raises_forget_loss_and_refuses_reweight() -> None:
     retain, forget = _data()
     before = _ce_on(_net(), forget)
-    runs = {}
-    for rw in (False, True):
-        rec, net = Recorder(), _net()
-        unlearn(net, retain, forget, config=_cfg(epochs=3, reweight=rw), method="neggrad",
-                progress=rec)  # fmt: skip
-        runs[rw] = (net, rec)
-    assert _ce_on(runs[False][0], forget) > before + 0.1
-    assert "retain" not in runs[True][1].groups  # no retain pass, so nothing to reweight
-    for p, q in zip(runs[False][0].parameters(), runs[True][0].parameters(), strict=True):
-        assert torch.equal(p, q)
+    rec, net = Recorder(), _net()
+    unlearn(net, retain, forget, config=_cfg(epochs=3), method="neggrad", progress=rec)
+    assert _ce_on(net, forget) > before + 0.1
+    assert "retain" not in rec.groups  # no retain pass, so nothing to reweight
+    with pytest.raises(ConfigError, match="no retain pass"):
+        unlearn(_net(), retain, forget, config=_cfg(reweight=True), method="neggrad")
+    with pytest.raises(ConfigError, match=r"unknown method 'neggrad_reweight'.*no retain pass"):
+        unlearn(_net(), retain, forget, config=_cfg(), method="neggrad_reweight")
 
 
 # -- Random labels --------------------------------------------------------------------------------
@@ -157,7 +170,7 @@ def test_uniform_random_labels_ignore_the_true_labels() -> None:
     again = uniform_random_labels(labels, 3, epoch_generator(0, 0))
     assert torch.equal(drawn, again)  # a pure function of (seed, epoch)
     assert not torch.equal(drawn, uniform_random_labels(labels, 3, epoch_generator(0, 1)))
-    with pytest.raises(ValueError, match="at least 2 classes"):
+    with pytest.raises(ModelError, match="at least 2 classes"):
         uniform_random_labels(labels, 1)
 
 
@@ -198,13 +211,11 @@ def test_random_labels_trains_forget_batches_on_uniform_labels(monkeypatch) -> N
 # -- L1-sparse ------------------------------------------------------------------------------------
 def test_l1_alpha_decays_linearly() -> None:
     assert [l1_alpha(e, 5) for e in range(5)] == pytest.approx([5e-4, 4e-4, 3e-4, 2e-4, 1e-4])
-    assert L1Sparse.alpha_for(MIUConfig(epochs=4, extra={"l1_alpha": 0.2}), 3) == pytest.approx(
-        0.05
-    )
+    assert L1Sparse.alpha_for(L1SparseConfig(epochs=4, l1_alpha=0.2), 3) == pytest.approx(0.05)
     for bad in (-1.0, float("nan"), "x"):
-        with pytest.raises(ValueError, match="l1_alpha"):
-            L1Sparse.alpha_for(MIUConfig(extra={"l1_alpha": bad}), 0)
-    with pytest.raises(ValueError, match="epoch"):
+        with pytest.raises(ConfigError, match=r"L1SparseConfig\.l1_alpha=.* is invalid"):
+            L1SparseConfig(l1_alpha=bad)
+    with pytest.raises(ConfigError, match="epoch"):
         l1_alpha(5, 5)
 
 
@@ -220,7 +231,7 @@ def test_l1_sparse_step_is_ce_gradient_plus_alpha_e_sign() -> None:
     net = _net()
     snaps = [_params(net)]
     unlearn(net, retain, forget, method="l1_sparse",
-            config=_sgd_cfg(epochs=epochs, lr=lr, extra={"l1_alpha": alpha0}),
+            config=_sgd_cfg(L1SparseConfig, epochs=epochs, lr=lr, l1_alpha=alpha0),
             on_epoch_end=lambda e, logs: snaps.append(_params(net)))  # fmt: skip
     for e in range(epochs):
         ref = _net()
@@ -241,7 +252,7 @@ def test_top_fraction_mask_is_global() -> None:
     mask = top_fraction_mask(scores, 0.5)
     assert mask["a"].tolist() == [[1.0, 0.0], [1.0, 0.0]] and mask["b"].tolist() == [1, 0, 1, 0]
     assert int(sum(m.sum() for m in top_fraction_mask(scores, 0.3).values())) == 2
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(ConfigError, match="ratio"):
         top_fraction_mask(scores, 0.0)
 
 
@@ -320,9 +331,20 @@ def test_salun_state_round_trip_restores_the_mask(monkeypatch) -> None:
 
 
 def test_salun_rejects_a_bad_ratio() -> None:
+    with pytest.raises(ConfigError, match=r"SalUnConfig\.salun_ratio=1\.5 is invalid: .*\(0, 1\]"):
+        SalUnConfig(salun_ratio=1.5)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_salun_ratio_reaches_the_mask(monkeypatch, ratio: float) -> None:
     retain, forget = _data()
-    with pytest.raises(ValueError, match="salun_ratio"):
-        unlearn(_net(), retain, forget, config=_cfg(extra={"salun_ratio": 1.5}), method="salun")
+    runner: list[SalUn] = []
+    monkeypatch.setattr(SalUn, "setup", _capture(SalUn.setup, runner))
+    unlearn(_net(), retain, forget, config=_cfg(SalUnConfig, epochs=1, salun_ratio=ratio))
+    mask = runner[0].mask
+    assert mask is not None
+    total = sum(m.numel() for m in mask.values())
+    assert int(sum(m.sum() for m in mask.values())) == math.floor(ratio * total)
 
 
 # -- SCRUB ----------------------------------------------------------------------------------------
@@ -340,32 +362,25 @@ def test_distill_kl_matches_a_hand_loop_at_t4() -> None:
     expected = temp**2 * total / 5
     assert float(distill_kl(s, t, temp)) == pytest.approx(expected, rel=1e-5)
     assert float(distill_kl(s, t)) == pytest.approx(expected, rel=1e-5)  # T = 4 by default
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ConfigError, match="temperature"):
         distill_kl(s, t, 0.0)
 
 
-def test_scrub_settings_defaults_and_validation() -> None:
-    assert scrub_settings(MIUConfig()) == {
-        "scrub_temperature": 4.0, "scrub_kl_weight": 0.001, "scrub_ce_weight": 0.99,
-        "scrub_retain_batch_size": 128,
-    }  # fmt: skip
-    assert (
-        scrub_settings(MIUConfig(batch_size=7, extra={"scrub_retain_batch_size": None}))[
-            "scrub_retain_batch_size"
-        ]
-        == 7
-    )
+def test_scrub_config_defaults_and_validation() -> None:
+    cfg = SCRUBConfig()
+    assert (cfg.scrub_temperature, cfg.scrub_kl_weight, cfg.scrub_ce_weight) == (4.0, 0.001, 0.99)
+    assert (cfg.scrub_retain_batch_size, cfg.forget_epochs) == (128, 5)
     for key, bad in (("scrub_temperature", 0), ("scrub_kl_weight", -1.0),
                      ("scrub_retain_batch_size", 0)):  # fmt: skip
-        with pytest.raises(ValueError, match=key):
-            scrub_settings(MIUConfig(extra={key: bad}))
+        with pytest.raises(ConfigError, match=rf"SCRUBConfig\.{key}="):
+            SCRUBConfig(**{key: bad})
 
 
 def _scrub_update(retain, forget, *, extra: dict, forget_epochs: int, lr: float = 0.1):
     student, teacher = _net(seed=0), _net(seed=1)
     theta0 = copy.deepcopy(student)
-    cfg = _sgd_cfg(epochs=1, lr=lr, forget_epochs=forget_epochs,
-                   extra={"scrub_retain_batch_size": 512, **extra})  # fmt: skip
+    cfg = _sgd_cfg(SCRUBConfig, epochs=1, lr=lr, forget_epochs=forget_epochs,
+                   scrub_retain_batch_size=512, **extra)  # fmt: skip
     unlearn(student, retain, forget, config=cfg, method="scrub", original=teacher)
     return student, theta0, teacher.eval()
 
@@ -411,13 +426,18 @@ def test_scrub_teacher_runs_in_eval_mode_and_retain_batches_are_resized() -> Non
     modes: list[bool] = []
     teacher.register_forward_hook(lambda m, i, o: modes.append(m.training))
     rec = Recorder()
-    cfg = _cfg(epochs=3, forget_epochs=2, batch_size=8, extra={"scrub_retain_batch_size": 5})
+    cfg = _cfg(SCRUBConfig, epochs=3, forget_epochs=2, batch_size=8, scrub_retain_batch_size=5)
     unlearn(_net(dropout=0.5), retain, forget, config=cfg, method="scrub", original=teacher,
             progress=rec)  # fmt: skip
     assert modes and not any(modes)
     assert len(rec.sizes["forget"]) == 2 * math.ceil(len(forget) / 8)  # e < E_f only
     retain_sizes = rec.sizes["retain"]
     assert len(retain_sizes) == 3 * math.ceil(len(retain) / 5) and max(retain_sizes) == 5
+    # None: the min step's batches are the run's batch_size.
+    rec = Recorder()
+    cfg = _cfg(SCRUBConfig, epochs=1, forget_epochs=0, batch_size=7, scrub_retain_batch_size=None)
+    unlearn(_net(), retain, forget, config=cfg, original=teacher, progress=rec)
+    assert max(rec.sizes["retain"]) == 7 and "forget" not in rec.sizes
 
 
 # -- every method, with and without REWEIGHT ------------------------------------------------------
@@ -428,12 +448,14 @@ def test_every_baseline_runs_with_and_without_reweight(method: str) -> None:
     for rw in (False, True):
         rec, net = Recorder(), _net()
         name = f"{method}_reweight" if rw else method
+        if method == "neggrad" and rw:
+            continue  # no retain pass: no neggrad_reweight
         unlearn(net, retain, forget, config=_cfg(epochs=2), method=name, num_groups=4,
                 progress=rec)  # fmt: skip
         assert all(torch.isfinite(p).all() for p in net.parameters())
         streams[rw], nets[rw] = rec.stream("retain"), net
     if method == "neggrad":
-        assert len(streams[False]) == len(streams[True]) == 0
+        assert len(streams[False]) == 0
         return
     share = {rw: float((s == FORGET_GROUP).double().mean()) for rw, s in streams.items()}
     n_train = len(retain) + len(forget)

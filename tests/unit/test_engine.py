@@ -14,6 +14,7 @@ from miu_hooks import (
     MIUConfig,
     NoClassifierOutputError,
     NonFiniteLossError,
+    TrainConfig,
     attach,
     unlearn,
 )
@@ -31,6 +32,8 @@ CFG = MIUConfig(
     lr=0.05,
     device="cpu",
 )
+# The same loop for the methods that take TrainConfig (no MIU settings).
+LOOP = TrainConfig(epochs=3, batch_size=16, lr=0.05, device="cpu")
 
 
 _data, _net = toy_split, toy_net
@@ -43,9 +46,10 @@ def _hooks(model):
 @pytest.mark.parametrize("method", ["miu", "finetune", "retrain_reweight"])
 def test_same_seed_same_weights(method):
     _, retain, forget = _data()
-    a = unlearn(_net(), retain, forget, config=CFG, num_groups=4, method=method)
-    b = unlearn(_net(), retain, forget, config=CFG, num_groups=4, method=method)
-    c = unlearn(_net(), retain, forget, config=CFG.replace(seed=1), num_groups=4, method=method)
+    cfg = CFG if method == "miu" else LOOP
+    a = unlearn(_net(), retain, forget, config=cfg, num_groups=4, method=method)
+    b = unlearn(_net(), retain, forget, config=cfg, num_groups=4, method=method)
+    c = unlearn(_net(), retain, forget, config=cfg.replace(seed=1), num_groups=4, method=method)
     for (k, va), vb, _vc in zip(
         a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
     ):
@@ -98,6 +102,62 @@ def test_resume_matches_uninterrupted(tmp_path):
     )
     for (k, va), vb in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "constant"])
+def test_resume_restores_the_scheduler_state(tmp_path, monkeypatch, scheduler):
+    import json
+
+    from safetensors import safe_open
+
+    from miu_hooks.unlearn import STATE_FILE
+
+    _, retain, forget = _data()
+    cfg = LOOP.replace(epochs=4, scheduler=scheduler)
+    full = unlearn(_net(), retain, forget, config=cfg, method="finetune")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_second(epoch, logs):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        unlearn(_net(), retain, forget, config=cfg, method="finetune", state_dir=tmp_path,
+                on_epoch_end=stop_after_second)  # fmt: skip
+    with safe_open(str(tmp_path / STATE_FILE), framework="pt") as f:
+        saved = json.loads(f.metadata()["scheduler"])
+    assert saved["last_epoch"] == 2 and len(saved["_last_lr"]) == 1
+    steps = []
+    step = torch.optim.lr_scheduler.LRScheduler.step
+    monkeypatch.setattr(torch.optim.lr_scheduler.LRScheduler, "step",
+                        lambda self, *a: (steps.append(1), step(self, *a))[1])  # fmt: skip
+    resumed = unlearn(_net(), retain, forget, config=cfg, method="finetune", state_dir=tmp_path,
+                      resume=True)  # fmt: skip
+    assert len(steps) == 1 + 2  # the constructor's step and epochs 2, 3: nothing replayed
+    for (k, va), vb in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_resume_state_without_a_scheduler_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from miu_hooks import CheckpointError
+    from miu_hooks.unlearn import STATE_FILE
+
+    _, retain, forget = _data()
+    unlearn(_net(), retain, forget, config=LOOP.replace(epochs=1), method="finetune",
+            state_dir=tmp_path)  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / STATE_FILE), framework="pt") as f:
+        meta = dict(f.metadata())
+    del meta["scheduler"]
+    save_file(load_file(str(tmp_path / STATE_FILE)), str(tmp_path / STATE_FILE), metadata=meta)
+    with pytest.raises(CheckpointError, match="no readable scheduler state"):
+        unlearn(_net(), retain, forget, config=LOOP.replace(epochs=1), method="finetune",
+                state_dir=tmp_path, resume=True)  # fmt: skip
 
 
 def test_feature_cache_matches_recomputation():
@@ -244,7 +304,7 @@ def test_group_and_label_out_of_range():
     xr, yr, gr = retain.tensors
     bad = TensorDataset(xr, torch.where(yr == 1, 5, yr), gr)
     with pytest.raises(GroupRangeError, match=r"label 5 is outside \[0, 2\)"):
-        unlearn(_net(), bad, forget, config=CFG, num_groups=4, method="finetune")
+        unlearn(_net(), bad, forget, config=LOOP, num_groups=4, method="finetune")
 
 
 def test_feature_module_not_found():
@@ -274,7 +334,7 @@ def test_non_finite_loss_stops_with_step_and_finite_weights():
         model[2].weight.fill_(math.inf)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match=r"non-finite .* step at epoch 0"):
-        unlearn(model, retain, forget, config=CFG, num_groups=4, method="finetune")
+        unlearn(model, retain, forget, config=LOOP, num_groups=4, method="finetune")
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshot[k]) or torch.isfinite(v).all(), k
 

@@ -1,0 +1,307 @@
+"""``validate``: every problem a run would meet, found before any work is done.
+
+Like Opacus' ``ModuleValidator.validate``, :func:`validate` returns all the
+problems at once (a list of :class:`~miu_hooks.errors.MIUError`) instead of
+stopping at the first: the settings and the method name, the retain/forget
+split, the classification head and, with one evaluation forward on one
+retain sample, the model's output and the shape of its features.
+:func:`miu_hooks.unlearn` runs the same checks first and raises the first
+problem, with the others appended to its message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from miu_hooks.config import TrainConfig
+from miu_hooks.data import dataset_groups, forward_logits, split_batch
+from miu_hooks.errors import (
+    ConfigError,
+    DataError,
+    EmptyForgetSetError,
+    EmptyGroupError,
+    FeatureModuleNotFoundError,
+    GroupRangeError,
+    MIUError,
+    ModelError,
+)
+from miu_hooks.methods import ResolvedRun, resolve_run
+from miu_hooks.runtime import resolve_device
+from miu_hooks.taps import FeatureTap, infer_feature_dim
+
+__all__ = ["RunCheck", "check_run", "raise_first", "split_problems", "validate"]
+
+
+def _listed(values: list[int], limit: int = 8) -> str:
+    text = ", ".join(map(str, values[:limit]))
+    return text + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def split_problems(
+    retain_groups: Tensor, forget_groups: Tensor, num_groups: int | None = None
+) -> tuple[list[MIUError], Tensor, int]:
+    """Check a retain/forget split; return ``(problems, train_groups, num_groups)``.
+
+    Problems (each once, naming every offending id): an empty forget or retain
+    set, ``num_groups < 1``, group ids outside ``[0, num_groups)``, and groups
+    of D = D_r ∪ D_f left without a retain sample (REWEIGHT cannot restore them).
+
+    Example:
+        >>> problems, g, n = split_problems(torch.tensor([0, 1]), torch.tensor([1, 2, 5]), 4)
+        >>> [type(p).__name__ for p in problems], n
+        (['GroupRangeError', 'EmptyGroupError'], 4)
+    """
+    problems: list[MIUError] = []
+    retain_groups = torch.as_tensor(retain_groups).long().reshape(-1)
+    forget_groups = torch.as_tensor(forget_groups).long().reshape(-1)
+    if forget_groups.numel() == 0:
+        problems.append(EmptyForgetSetError("the forget set is empty: there is nothing to unlearn"))
+    if retain_groups.numel() == 0:
+        problems.append(
+            DataError("the retain set is empty: unlearning everything leaves no model to keep")
+        )
+    train_groups = torch.cat([retain_groups, forget_groups])
+    if num_groups is None:
+        num_groups = int(train_groups.max()) + 1 if train_groups.numel() else 1
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        problems.append(ConfigError(f"num_groups must be an integer >= 1; got {num_groups!r}"))
+        return problems, train_groups, 1
+    bad = (train_groups < 0) | (train_groups >= num_groups)
+    if bool(bad.any()):
+        ids = sorted(set(train_groups[bad].tolist()))
+        problems.append(
+            GroupRangeError(
+                f"group id {ids[0]} is outside [0, {num_groups})"
+                + (f" (so are {_listed(ids[1:])})" if len(ids) > 1 else "")
+            )
+        )
+    n_train = torch.bincount(train_groups[~bad], minlength=num_groups)
+    n_retain = torch.bincount(retain_groups[(retain_groups >= 0) & (retain_groups < num_groups)],
+                              minlength=num_groups)  # fmt: skip
+    emptied = ((n_train > 0) & (n_retain == 0)).nonzero().flatten().tolist()
+    if emptied and retain_groups.numel():
+        counts = [int(n_train[g]) for g in emptied]
+        what = (
+            f"group {emptied[0]} has {counts[0]} training samples"
+            if len(emptied) == 1
+            else f"groups {_listed(emptied)} have {_listed(counts)} training samples"
+        )
+        problems.append(
+            EmptyGroupError(
+                f"{what} but none left in the retain set: REWEIGHT cannot restore "
+                f"{'it' if len(emptied) == 1 else 'them'} (forget fewer samples of "
+                f"{'that group' if len(emptied) == 1 else 'those groups'})"
+            )
+        )
+    return problems, train_groups, num_groups
+
+
+@dataclasses.dataclass
+class RunCheck:
+    """What :func:`check_run` found (and computed on the way, for :func:`~miu_hooks.unlearn`).
+
+    Attributes:
+        problems: Every problem found, settings first, then data, then the model.
+        run: The resolved method and config, or ``None`` when they are invalid.
+        retain_groups: Group ids of the retain set (empty when unreadable).
+        train_groups: Group ids of D = D_r ∪ D_f, retain first.
+        num_groups: |G|.
+    """
+
+    problems: list[MIUError]
+    run: ResolvedRun | None
+    retain_groups: Tensor
+    train_groups: Tensor
+    num_groups: int
+
+
+def _one_forward(
+    model: nn.Module,
+    retain: Dataset,
+    cfg: TrainConfig,
+    *,
+    taps: bool,
+    feature_module: str | nn.Module | None,
+) -> list[MIUError]:
+    """Evaluate ``model`` on ``retain[0]`` (eval mode, no grad) and check logits and features."""
+    item = retain[0]
+    batch = split_batch(
+        default_collate([item]),
+        input_key=cfg.input_key,
+        label_key=cfg.label_key,
+        group_key=cfg.group_key,
+        id_key=cfg.id_key,
+    )
+    param = next(model.parameters(), None)
+    batch.to(param.device if param is not None else torch.device("cpu"))
+    tap = FeatureTap(model, feature_module, when="always") if taps else None
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            forward_logits(model, batch.inputs)  # raises NoClassifierOutputError
+        if tap is None:
+            return []
+        z = tap.peek()
+        if z is None:
+            return [
+                FeatureModuleNotFoundError(
+                    f"the feature module {tap.name!r} is not called by the model's forward: "
+                    "pass the classification head as feature_module='dotted.name'"
+                )
+            ]
+        want = infer_feature_dim(tap.module)
+        if want is not None and z.shape[1] != want:
+            return [
+                FeatureModuleNotFoundError(
+                    f"the input of the feature module {tap.name!r} flattens to {z.shape[1]} "
+                    f"values per sample (shape {tuple(z.shape)}), but its first linear layer "
+                    f"takes {want}: tap the layer that receives [batch, {want}] features "
+                    "(feature_module='dotted.name')"
+                )
+            ]
+        return []
+    finally:
+        if tap is not None:
+            tap.remove()
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def check_run(
+    model: nn.Module,
+    retain: Dataset,
+    forget: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    method: str | None = None,
+    num_groups: int | None = None,
+    feature_module: str | nn.Module | None = None,
+) -> RunCheck:
+    """Run every check of :func:`validate` and keep what they computed."""
+    problems: list[MIUError] = []
+    run: ResolvedRun | None = None
+    try:
+        run = resolve_run(method, config)
+    except MIUError as exc:
+        problems.append(exc)
+    cfg = run.config if run is not None else config
+    if not isinstance(cfg, TrainConfig):
+        cfg = TrainConfig()
+    if run is not None:
+        try:
+            resolve_device(cfg.device)
+        except MIUError as exc:
+            problems.append(exc)
+    empty = torch.zeros(0, dtype=torch.long)
+    groups: list[Tensor] = []
+    for name, dataset in (("retain", retain), ("forget", forget)):
+        try:
+            groups.append(dataset_groups(dataset, cfg.group_key))
+        except MIUError as exc:
+            problems.append(type(exc)(f"{name} set: {exc}"))
+    retain_groups, train_groups, n = empty, empty, num_groups or 1
+    if len(groups) == 2:
+        found, train_groups, n = split_problems(groups[0], groups[1], num_groups)
+        retain_groups = groups[0]
+        problems.extend(found)
+    if retain_groups.numel():
+        with torch.random.fork_rng(devices=[]):
+            try:
+                taps = run is not None and run.method_class.needs_features
+                problems.extend(
+                    _one_forward(model, retain, cfg, taps=taps, feature_module=feature_module)
+                )
+            except MIUError as exc:
+                problems.append(exc)
+            except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+                err = ModelError(
+                    f"the model's forward on one retain sample failed: {type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())}"
+                )
+                err.__cause__ = exc
+                problems.append(err)
+    return RunCheck(problems, run, retain_groups, train_groups, n)
+
+
+def validate(
+    model: nn.Module,
+    retain: Dataset,
+    forget: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    method: str | None = None,
+    num_groups: int | None = None,
+    feature_module: str | nn.Module | None = None,
+) -> list[MIUError]:
+    """Return every problem :func:`~miu_hooks.unlearn` would meet, without doing any work.
+
+    Checks, in order: the method name and the config (:func:`~miu_hooks.methods.resolve_run`)
+    and the device; the group ids of both sets and the split (empty sets, ids
+    out of range, groups emptied by the forget set); then one evaluation
+    forward of ``model`` on ``retain[0]`` (no gradients, modes and the global
+    RNG restored): that the output carries logits and, for methods that tap
+    features (MIU), that the head is found, is called by the forward, and
+    receives ``[batch, d]`` features matching its first linear layer. The
+    model, the data and the config are not modified.
+
+    Args:
+        model: The classifier to unlearn.
+        retain: The retain set D_r.
+        forget: The forget set D_f.
+        config: The run's config (any method's; see ``unlearn``).
+        method: The method name (``None``: from the config's class, else ``"miu"``).
+        num_groups: |G| (default: max group id + 1).
+        feature_module: Head override for the feature tap.
+
+    Returns:
+        A list of :class:`~miu_hooks.errors.MIUError` instances, empty when the run can start.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> x, y = torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])
+        >>> retain, forget = TensorDataset(x, y, y * 2), TensorDataset(x[:1], y[:1], y[:1] * 2 + 5)
+        >>> from miu_hooks.config import TrainConfig
+        >>> problems = validate(nn.Linear(3, 2), retain, forget, TrainConfig(reweight=True),
+        ...                     method="finetune", num_groups=4)
+        >>> [type(p).__name__ for p in problems]
+        ['ConfigError', 'GroupRangeError']
+    """
+    return check_run(
+        model,
+        retain,
+        forget,
+        config,
+        method=method,
+        num_groups=num_groups,
+        feature_module=feature_module,
+    ).problems
+
+
+def raise_first(problems: list[MIUError]) -> None:
+    """Raise the first problem (its own type), naming the others in its message.
+
+    Example:
+        >>> raise_first([])
+        >>> raise_first([ConfigError("a"), DataError("b")])
+        Traceback (most recent call last):
+        ...
+        miu_hooks.errors.ConfigError: a (and 1 more problem: DataError: b)
+    """
+    if not problems:
+        return
+    first, rest = problems[0], problems[1:]
+    if not rest:
+        raise first
+    more = "; ".join(f"{type(p).__name__}: {p}" for p in rest)
+    noun = "problem" if len(rest) == 1 else "problems"
+    try:
+        combined: Any = type(first)(f"{first} (and {len(rest)} more {noun}: {more})")
+    except TypeError:  # an error type with another constructor: raise it as it is
+        raise first from None
+    raise combined from first
