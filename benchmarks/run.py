@@ -48,7 +48,7 @@ from bench_timing import PhaseTimer, step_overhead, whole_run
 from torch import nn
 
 import miu_hooks
-from miu_hooks import unlearn
+from miu_hooks import resolve_run, unlearn
 from miu_hooks.atomic import atomic_write_text
 from miu_hooks.demo import ColoredSplits
 from miu_hooks.errors import DataError, NonFiniteLossError
@@ -78,7 +78,7 @@ def run_cell(name: str, seed: int, ratio: float, original: nn.Module, init: nn.M
         is_retrain = method.startswith("retrain")
         model = copy.deepcopy(init if is_retrain else original)
         base = train_config(s, seed) if is_retrain else base_config(s, seed, method)
-        cfg = base.replace(**changes)
+        cfg = resolve_run(method, base.replace(**changes)).config  # recorded as it runs
         timer = PhaseTimer()
         start, diverged = time.perf_counter(), None
         try:

@@ -144,3 +144,10 @@ def test_no_plain_builtin_error_is_raised_outside_the_cli():
                 if name in BUILTIN_ERRORS and (path.name, name) not in ALLOWED:
                     found.append(f"{path.relative_to(root)}:{node.lineno} {name}")
     assert found == []
+
+
+def test_the_command_line_maps_setting_errors_to_bad_usage():
+    from miu_hooks.cli.errors import EXIT_USAGE, exit_code
+
+    assert exit_code(E.ConfigError("x")) == exit_code(E.ConfigTypeError("x")) == EXIT_USAGE == 2
+    assert exit_code(E.ModelError("x")) == exit_code(E.StateError("x")) == 16
