@@ -23,7 +23,7 @@ engine synchronise (not exercised by the test suite).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
 from miu_hooks.data import dataset_groups, logits_of
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach
+from miu_hooks.errors import ConfigError
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler
 from miu_hooks.sampling import GroupReweightSampler
 from miu_hooks.unlearn import check_split
@@ -42,52 +43,15 @@ require("accelerate", extra="hf")
 from accelerate import Accelerator  # noqa: E402
 
 from miu_hooks.integrations.accelerate_runtime import AccelerateRuntime  # noqa: E402
+from miu_hooks.integrations.loaders import EndingLoader, index_sampler  # noqa: E402
 
 __all__ = ["AccelerateRuntime", "MIUAccelerate", "prepare_miu", "reweighted_loader"]
 
 logger = logging.getLogger(__name__)
 
 
-class _EndingLoader:
-    """Iterate a prepared loader that the engine may abandon mid-epoch (critic tuning).
-
-    Accelerate registers a loader in its ``GradientState`` when iteration starts
-    and removes it only at the end; an abandoned iteration would stay registered
-    and skew ``end_of_dataloader``/``gather_for_metrics``. This unregisters it.
-    """
-
-    def __init__(self, loader: Iterable[Any]) -> None:
-        self.loader = loader
-
-    def set_epoch(self, epoch: int) -> None:
-        set_epoch = getattr(self.loader, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            yield from self.loader
-        finally:
-            end = getattr(self.loader, "end", None)
-            if callable(end):
-                end()
-
-
 def _is_prepared(loader: Any) -> bool:
     return hasattr(loader, "gradient_state")
-
-
-def _find_sampler(loader: Any) -> Any:
-    """The index sampler below Accelerate's batch-sampler shards, if any."""
-    obj = getattr(loader, "batch_sampler", None)
-    for _ in range(4):
-        if obj is None:
-            break
-        sampler = getattr(obj, "sampler", None)
-        if sampler is not None and not hasattr(sampler, "batch_size"):
-            return sampler
-        obj = getattr(obj, "batch_sampler", None) or sampler
-    return getattr(loader, "sampler", None)
 
 
 def _per_process_batch_size(loader: Any, num_processes: int, default: int) -> int:
@@ -216,10 +180,6 @@ class MIUAccelerate:
         self.optimizer.zero_grad(set_to_none=True)
         self.handle.model.train()
 
-    def forget_epoch(self, epoch: int) -> None:
-        """Alias of :meth:`epoch_start`."""
-        self.epoch_start(epoch)
-
     def retain_loss(self, outputs: Any, batch: Any) -> Tensor:
         """MIU's retain loss CE + λ·(Î_u − sg Î_o)² for the forward that produced ``outputs``.
 
@@ -302,9 +262,11 @@ def prepare_miu(
         The :class:`MIUAccelerate` whose methods the loop calls.
 
     Raises:
-        ValueError: ``config.reweight`` is true but the retain loader does not
-            sample with :class:`~miu_hooks.sampling.GroupReweightSampler`, or the
-            retain loader is not prepared in a multi-process run.
+        ConfigError: ``config.reweight`` is true but the retain loader does not
+            sample with :class:`~miu_hooks.sampling.GroupReweightSampler`, the
+            retain loader is not prepared in a multi-process run, or the
+            datasets cannot be read from the loaders and ``num_groups`` or
+            ``train_dataset`` is missing.
 
     Example:
         >>> from accelerate import Accelerator
@@ -343,13 +305,13 @@ def prepare_miu(
     cfg = cfg.replace(precision=runtime.precision, device=str(runtime.device))
     nproc = runtime.world_size
     if nproc > 1 and not _is_prepared(retain_loader):
-        raise ValueError(
+        raise ConfigError(
             "prepare_miu needs the retain loader returned by accelerator.prepare in a "
             "multi-process run (each process must see its own shard)"
         )
-    sampler = _find_sampler(retain_loader)
+    sampler = index_sampler(retain_loader)
     if cfg.reweight and not isinstance(sampler, GroupReweightSampler):
-        raise ValueError(
+        raise ConfigError(
             "config.reweight=True but the retain loader does not sample with "
             f"GroupReweightSampler (found {type(sampler).__name__}): build it with "
             "miu_hooks.integrations.accelerate.reweighted_loader(retain, forget, batch_size, "
@@ -359,7 +321,7 @@ def prepare_miu(
     forget_ds: Any = getattr(forget_loader, "dataset", None)
     if num_groups is None or (train_dataset is None and tune_loader is None):
         if retain_ds is None or forget_ds is None:
-            raise ValueError(
+            raise ConfigError(
                 "cannot read the retain/forget datasets from the loaders: pass num_groups "
                 "and train_dataset (or tune_loader)"
             )
@@ -405,7 +367,7 @@ def prepare_miu(
         optimizer,
         retain_loader,
         forget_loader,
-        _EndingLoader(tune_loader),
+        EndingLoader(tune_loader),
     )
     if register_for_checkpointing:
         accelerator.register_for_checkpointing(miu)

@@ -1,14 +1,16 @@
-"""Hugging Face ``Trainer`` integration: :class:`MIUCallback` and :class:`MIUTrainerMixin`.
+"""Hugging Face ``Trainer`` integration: :func:`prepare_trainer`, :class:`MIUCallback` and more.
 
-Add one callback to the Trainer you already have and the run becomes a
-group-robust unlearning run (REWEIGHT + MIU, METHOD.md §2-§3) on the retain set
-you pass as ``train_dataset``::
+Add MIU to the Trainer you already have and the run becomes a group-robust
+unlearning run (REWEIGHT + MIU, docs/method.md §2-§3) on the retain set you pass
+as ``train_dataset``::
 
-    trainer = Trainer(model=model, args=args, train_dataset=retain,
-                      callbacks=[MIUCallback(forget)])
+    trainer = Trainer(model=model, args=args, train_dataset=retain)
+    miu = prepare_trainer(trainer, forget)            # or callbacks=[MIUCallback(forget)]
+    trainer.train()
+    miu.remove()
 
 The callback drives the shared engine (:func:`miu_hooks.attach`); it never wraps
-the model. Design choices (INTEGRATION.md §0-§5):
+the model. How it works (docs/integrations.md §0-§5):
 
 * **Loss.** Native hooks on the model (:mod:`~miu_hooks.integrations.hf_hooks`)
   drop the ``group`` column before ``forward`` and add the calibration term to
@@ -24,14 +26,17 @@ the model. Design choices (INTEGRATION.md §0-§5):
   for the first ``forget_epochs`` epochs, runs the forget pass with the Trainer's
   optimizer.
 * **Columns.** With ``remove_unused_columns=True`` the Trainer drops ``group``;
-  the callback switches it off when the Trainer is built (one warning) and
-  checks at train start that the column reaches the batches, failing with the
-  setting to change otherwise.
+  the callback switches it off when it is added (one warning) and checks at
+  train start that the column reaches the batches, failing with the setting to
+  change otherwise.
 * **Logging.** ``miu/*`` means since the last log go into the Trainer's training
-  log record, so ``state.log_history`` and every ``report_to`` backend see them:
-  ``Trainer.log`` hands one ``logs`` dict to the callbacks in order, so the
-  callback moves itself ahead of the reporting callbacks at train start and
-  also completes the record ``log_history`` already holds.
+  log record, so ``state.log_history`` and every ``report_to`` backend see them.
+  ``Trainer.log`` hands one ``logs`` dict to the callbacks in list order and the
+  reporting callbacks come first, so the callback must sit ahead of them:
+  :func:`prepare_trainer` and ``MIUTrainer`` put it there through
+  ``trainer.callback_handler``; a callback passed in ``callbacks=[...]`` finds
+  the list on the call stack at train start
+  (:mod:`~miu_hooks.integrations.hf_placement`).
 * **Processes.** With ``torch.distributed`` running, the MI terms are computed on
   the global batch (:class:`~miu_hooks.distributed.DistributedRuntime`), the
   forget and tuning loaders give each rank its share of one global stream, and
@@ -46,14 +51,14 @@ behaviour through ``compute_loss`` and ``_get_train_sampler``.
 
 from __future__ import annotations
 
+from torch import nn
+
 from miu_hooks.integrations.hf_callback import MIUCallback
-from miu_hooks.integrations.hf_metrics import (
-    GroupDictDataset,
-    as_trainer_dataset,
-    find_features,
-    make_compute_metrics,
-)
+from miu_hooks.integrations.hf_data import GroupDictDataset, as_trainer_dataset
+from miu_hooks.integrations.hf_metrics import make_compute_metrics
+from miu_hooks.integrations.hf_prepare import prepare_trainer
 from miu_hooks.integrations.hf_trainer import MIUTrainer, MIUTrainerMixin, make_miu_trainer
+from miu_hooks.taps import infer_feature_dim, resolve_head
 
 __all__ = [
     "GroupDictDataset",
@@ -64,4 +69,26 @@ __all__ = [
     "find_features",
     "make_compute_metrics",
     "make_miu_trainer",
+    "prepare_trainer",
 ]
+
+
+def find_features(
+    model: nn.Module, feature_module: str | nn.Module | None = None
+) -> tuple[str, int | None]:
+    """Return the dotted name of the classification head whose input MIU taps, and its width.
+
+    The head is found as in :func:`miu_hooks.taps.resolve_head`; for Hugging Face
+    image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, BEiT, Dinov2, ...) it is
+    ``classifier``, a ``Linear`` or a ``Sequential(Flatten, Linear)`` (ResNet),
+    whose input are the pooled penultimate features. The width is ``None`` when
+    it cannot be read off the head's layers (it is then taken from the first batch).
+
+    Example:
+        >>> find_features(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        ('2', 8)
+    """
+    name, head = resolve_head(model, feature_module)
+    return name, infer_feature_dim(head)
+
+

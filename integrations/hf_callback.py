@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,40 +15,28 @@ from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
 from miu_hooks.data import dataset_groups
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach, resolve_original
-from miu_hooks.errors import CheckpointError, DataError
+from miu_hooks.errors import CheckpointError, ConfigError
+from miu_hooks.integrations.hf_data import check_forget_columns, check_train_columns
 from miu_hooks.integrations.hf_hooks import TrainerHooks
+from miu_hooks.integrations.hf_placement import calling_handler, place_before_reporters
 from miu_hooks.integrations.hf_state import (
-    EpochLoader,
-    RankBatchSampler,
     install_sampler,
     load_state,
     make_runtime,
     save_state,
     trainer_precision,
 )
+from miu_hooks.integrations.loaders import EpochLoader, RankBatchSampler
 from miu_hooks.methods.base import ShuffleSampler
 from miu_hooks.sampling import GroupReweightSampler
 from miu_hooks.unlearn import check_split
 
 transformers = require("transformers", extra="hf")
 from transformers import TrainerCallback  # noqa: E402
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback  # noqa: E402
 
 __all__ = ["MIUCallback"]
 
 logger = logging.getLogger(__name__)
-
-
-def _first_item(dataset: Any, what: str) -> Mapping[str, Any]:
-    if len(dataset) == 0:
-        raise DataError(f"the {what} is empty")
-    item = dataset[0]
-    if not isinstance(item, Mapping):
-        raise DataError(
-            f"{what} items must be dicts of columns for the Trainer; item 0 is "
-            f"{type(item).__name__}. Wrap (inputs, label, group) datasets with as_trainer_dataset()"
-        )
-    return item
 
 
 class MIUCallback(TrainerCallback):
@@ -87,16 +73,34 @@ class MIUCallback(TrainerCallback):
         started_epoch: Last epoch whose tuning/forget phase has run (-1 before).
 
     Example:
-        ``retain``/``forget`` are dict datasets (``as_trainer_dataset``), ``vit`` the
-        trained model:
+        The callback in ``Trainer(callbacks=[...])``;
+        :func:`~miu_hooks.integrations.hf.prepare_trainer` is the recommended way
+        to add it (it places the callback ahead of the reporting callbacks
+        without looking at the call stack):
 
-        >>> from transformers import Trainer, TrainingArguments
-        >>> cfg = MIUConfig(forget_epochs=2, mi_weight=10.0)
-        >>> cb = MIUCallback(forget, config=cfg)  # doctest: +SKIP
-        >>> trainer = Trainer(model=vit, args=TrainingArguments("out", num_train_epochs=5),
-        ...                   train_dataset=retain, callbacks=[cb])  # doctest: +SKIP
-        >>> trainer.train()  # doctest: +SKIP
-        >>> cb.remove()  # detach the remaining column hook when done  # doctest: +SKIP
+        >>> import tempfile
+        >>> from transformers import Trainer, TrainingArguments, ViTConfig
+        >>> from transformers import ViTForImageClassification
+        >>> from miu_hooks.data import GroupTensorDataset
+        >>> from miu_hooks.integrations.hf import as_trainer_dataset
+        >>> torch.manual_seed(0) and None
+        >>> vit = ViTForImageClassification(ViTConfig(
+        ...     hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...     intermediate_size=32, image_size=8, patch_size=4, num_labels=2))
+        >>> x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 2, (40,))
+        >>> g = 2 * y + torch.randint(0, 2, (40,))
+        >>> retain = as_trainer_dataset(GroupTensorDataset(x[8:], y[8:], g[8:]))
+        >>> forget = as_trainer_dataset(GroupTensorDataset(x[:8], y[:8], g[:8]))
+        >>> cb = MIUCallback(forget, config=MIUConfig(mine_hidden=8, mine_warmup_iters=2))
+        >>> args = TrainingArguments(tempfile.mkdtemp(), num_train_epochs=1,
+        ...                          use_cpu=True, report_to="none", save_strategy="no",
+        ...                          remove_unused_columns=False, disable_tqdm=True)
+        >>> trainer = Trainer(model=vit, args=args, train_dataset=retain, callbacks=[cb])
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {...}
+        >>> cb.handle.counters["forget"] > 0, cb.hooks.terms_added == trainer.state.global_step
+        (True, True)
+        >>> cb.remove()  # detach the remaining column hook when done
     """
 
     def __init__(
@@ -112,9 +116,9 @@ class MIUCallback(TrainerCallback):
     ) -> None:
         self.config = config or MIUConfig()
         self.forget_dataset = forget_dataset
-        self._check_forget_columns()
+        check_forget_columns(forget_dataset, self.config.group_key, self.config.label_key)
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None; got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1 or None; got {batch_size}")
         self.original_spec = original
         self.feature_module = feature_module
         self.num_groups = num_groups
@@ -128,31 +132,20 @@ class MIUCallback(TrainerCallback):
         self._original: nn.Module | None = None
         self._args: Any = None
         self._switched_columns = False
+        self._placed = False  # ahead of the reporting callbacks (prepare_trainer, MIUTrainer)
         self._loaders: tuple[EpochLoader, EpochLoader] | None = None
 
     # -- Trainer events ------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Snapshot the original model, keep the group column, place the column hook."""
-        model = kwargs.get("model")
-        self._args = args
-        if args.remove_unused_columns:
-            args.remove_unused_columns = False
-            self._switched_columns = True
-            logger.warning(
-                "MIUCallback set TrainingArguments.remove_unused_columns=False so that the %r "
-                "column reaches the callback (its hook removes it before the model's forward)",
-                self.config.group_key,
-            )
-        if isinstance(model, nn.Module):
-            self._snapshot(model)
-            self._hooks_for(model)
+        self.bind(args, kwargs.get("model"))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Validate the columns, attach the engine, install REWEIGHT, restore a resumed state."""
         model, optimizer, loader = kwargs["model"], kwargs["optimizer"], kwargs["train_dataloader"]
         cfg = self.config
         self._args = args
-        self._check_columns(args, loader)
+        check_train_columns(loader, self.config.group_key)
         if self._original is None:
             if state.global_step > 0:
                 raise CheckpointError(
@@ -196,8 +189,8 @@ class MIUCallback(TrainerCallback):
         self.started_epoch = -1
         if state.global_step > 0:
             self._resume(args, state)
-        if not self.subclassed:
-            self._log_before_reporters()
+        if not self._placed:
+            self._place_from_event()
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Redraw REWEIGHT, tune the critics and (first ``forget_epochs``) run the forget pass."""
@@ -273,6 +266,36 @@ class MIUCallback(TrainerCallback):
         seed = args.data_seed if args.data_seed is not None else args.seed
         return GroupReweightSampler(retain_groups, train_groups, num_groups=num_groups, seed=seed)
 
+    def bind(self, args: Any, model: Any) -> None:
+        """Prepare a Trainer run: keep the group column, snapshot ``model``, hook its columns.
+
+        Runs when the Trainer is built (``on_init_end``), or from
+        :func:`prepare_trainer` for a Trainer built already. It switches
+        ``args.remove_unused_columns`` off (with one warning) so that the group
+        column reaches the batches; :meth:`remove` switches it back on.
+        """
+        self._args = args
+        if args.remove_unused_columns:
+            args.remove_unused_columns = False
+            self._switched_columns = True
+            logger.warning(
+                "MIUCallback set TrainingArguments.remove_unused_columns=False so that the %r "
+                "column reaches the callback (its hook removes it before the model's forward)",
+                self.config.group_key,
+            )
+        if isinstance(model, nn.Module):
+            self._snapshot(model)
+            self._hooks_for(model)
+
+    def place(self, callbacks: list[Any]) -> None:
+        """Put this callback ahead of the reporting callbacks in the Trainer's ``callbacks`` list.
+
+        Then the ``miu/*`` keys it adds to a log record reach every ``report_to``
+        backend (see :mod:`~miu_hooks.integrations.hf_placement`).
+        """
+        place_before_reporters(callbacks, self)
+        self._placed = True
+
     def remove(self) -> None:
         """Remove every hook and tap, and restore ``remove_unused_columns``; idempotent."""
         if self.hooks is not None:
@@ -284,6 +307,18 @@ class MIUCallback(TrainerCallback):
             self._switched_columns = False
 
     # -- internals ----------------------------------------------------------------------------
+    def _place_from_event(self) -> None:
+        """Placement for a callback the Trainer got in ``callbacks=`` (no Trainer at hand)."""
+        handler = calling_handler(self)
+        if handler is None:
+            logger.warning(
+                "MIUCallback could not reach the Trainer's callback list; the miu/* terms reach "
+                "state.log_history but report_to backends may miss them. Add the callback with "
+                "prepare_trainer(trainer, forget_dataset, ...) instead"
+            )
+            return
+        self.place(handler.callbacks)
+
     def _snapshot(self, model: nn.Module) -> None:
         if self._original is None:
             self._original = resolve_original(model, self.original_spec)
@@ -297,37 +332,6 @@ class MIUCallback(TrainerCallback):
                 model, group_key=cfg.group_key, id_key=cfg.id_key, label_key=cfg.label_key
             )
         return self.hooks
-
-    def _check_forget_columns(self) -> None:
-        item = _first_item(self.forget_dataset, "forget dataset")
-        cfg = self.config
-        labels = [cfg.label_key] if cfg.label_key else ["labels", "label"]
-        missing = [repr(cfg.group_key)] if cfg.group_key not in item else []
-        if not any(k in item for k in labels):
-            missing.append(" or ".join(map(repr, labels)))
-        if missing:
-            raise DataError(
-                f"the forget dataset has no {' and no '.join(missing)} column; its columns are "
-                f"{sorted(item)}. Add it, or set MIUConfig(group_key=..., label_key=...)"
-            )
-
-    def _check_columns(self, args: Any, loader: Any) -> None:
-        key = self.config.group_key
-        first = _first_item(loader.dataset, "train (retain) dataset")
-        if key not in first:
-            raise DataError(
-                f"the train (retain) dataset has no {key!r} column; its columns are "
-                f"{sorted(first)}. Add the group id of each sample, or set MIUConfig(group_key=...)"
-            )
-        collate = getattr(loader, "collate_fn", None)
-        batch = collate([first]) if callable(collate) else first
-        if isinstance(batch, dict) and key not in batch:
-            raise DataError(
-                f"the {key!r} column does not reach the training batches: the Trainer removes "
-                f"columns its model's forward does not accept. Set "
-                f"TrainingArguments(remove_unused_columns=False) (MIUCallback does this itself "
-                f"when it is passed in Trainer(callbacks=[...]))"
-            )
 
     def _make_loaders(
         self, retain: Dataset, loader: Any, batch_size: int, seed: int, args: Any
@@ -381,28 +385,3 @@ class MIUCallback(TrainerCallback):
         self.started_epoch = int(meta.get("started_epoch", -1))
         logger.info("MIUCallback: resumed MIU state from %s (epoch %d)", folder, self.started_epoch)
 
-    def _log_before_reporters(self) -> None:
-        """Run this callback's ``on_log`` before the ``report_to`` callbacks.
-
-        ``Trainer.log`` hands the same ``logs`` dict to every callback in order,
-        and reporting callbacks are registered before user callbacks, so keys
-        added by a later callback reach neither them nor ``log_history``. The
-        Trainer's ``CallbackHandler`` is the caller of this event; this callback
-        moves itself right after ``DefaultFlowCallback`` in its list.
-        """
-        frame = sys._getframe(1)
-        for _ in range(6):
-            if frame is None:
-                break
-            handler = frame.f_locals.get("self")
-            if isinstance(handler, CallbackHandler) and self in handler.callbacks:
-                callbacks = handler.callbacks
-                callbacks.remove(self)
-                flows = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
-                callbacks.insert(flows[-1] + 1 if flows else 0, self)
-                return
-            frame = frame.f_back  # type: ignore[assignment]
-        logger.warning(
-            "MIUCallback could not reach the Trainer's callback list; the miu/* terms reach "
-            "state.log_history but report_to backends may miss them (use make_miu_trainer)"
-        )

@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from miu_hooks.data import Batch
 from miu_hooks.engine import MIUHandle
-from miu_hooks.errors import DataError
+from miu_hooks.errors import ConfigTypeError, DataError, StateError
 
 __all__ = ["TrainerHooks", "replace_loss", "loss_of"]
 
@@ -90,7 +90,10 @@ def replace_loss(output: Any, loss: Tensor) -> Any:
         return output
     if isinstance(output, tuple):
         return (loss, *output[1:])
-    raise TypeError(f"cannot set the loss of a model output of type {type(output).__name__}")
+    raise ConfigTypeError(
+        f"cannot set the loss of a model output of type {type(output).__name__}: expected a "
+        "ModelOutput, a dict or a (loss, ...) tuple"
+    )
 
 
 def count_items(labels: Tensor | None, batch_size: int) -> int:
@@ -190,7 +193,7 @@ class TrainerHooks:
         """λ·(Î_u − sg Î_o)² for the last training forward (features from the tap)."""
         handle = self.handle
         if handle is None:
-            raise RuntimeError("MIUCallback hooks have no MIU handle yet (on_train_begin not run)")
+            raise StateError("MIUCallback hooks have no MIU handle yet (on_train_begin not run)")
         z = handle.tap.pop()
         device = z.device
         groups = groups.to(device).long().reshape(-1)
@@ -226,7 +229,7 @@ class TrainerHooks:
         MINE's ratio ‖∇loss‖/‖∇term‖ is that of the per-batch means.
         """
         if self.handle is None:
-            raise RuntimeError("MIUCallback hooks have no MIU handle yet (on_train_begin not run)")
+            raise StateError("MIUCallback hooks have no MIU handle yet (on_train_begin not run)")
         return self.handle.retain_objective(loss, term)
 
     def scale(

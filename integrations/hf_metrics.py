@@ -1,18 +1,18 @@
-"""Trainer-side helpers: dict datasets, feature discovery and group metrics for ``compute_metrics``.
+"""``make_compute_metrics``: per-group, worst-group and EO metrics for the Trainer's evaluation.
 
-These need neither ``transformers`` nor the callback; :mod:`miu_hooks.integrations.hf`
-re-exports them.
+It needs neither ``transformers`` nor the callback; :mod:`miu_hooks.integrations.hf`
+re-exports it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from miu_hooks.data import dataset_groups
@@ -24,105 +24,12 @@ from miu_hooks.metrics import (
     per_group_accuracy,
     worst_group_accuracy,
 )
-from miu_hooks.taps import infer_feature_dim, resolve_head
 
-__all__ = ["GroupDictDataset", "as_trainer_dataset", "find_features", "make_compute_metrics"]
+__all__ = ["make_compute_metrics"]
 
 logger = logging.getLogger(__name__)
 
 GroupSource = Tensor | Sequence[int] | np.ndarray | Dataset
-
-
-class GroupDictDataset(Dataset):
-    """Items ``(inputs, label, group)`` of ``dataset`` as Trainer-ready dicts.
-
-    ``view[i]`` is ``{input_key: inputs, label_key: label, group_key: group}``
-    with the label and group as 0-d long tensors. ``groups`` is exposed, so
-    group counts never load inputs when the wrapped dataset has ``groups`` too.
-
-    Args:
-        dataset: A map-style dataset of ``(inputs, label, group)`` tuples.
-        input_key: Name of the model input (``pixel_values`` for vision models).
-        label_key: Name of the label column the model takes (``labels``).
-        group_key: Name of the group column (``MIUConfig.group_key``).
-
-    Example:
-        >>> from miu_hooks.data import GroupTensorDataset
-        >>> base = GroupTensorDataset(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([1, 3]))
-        >>> item = GroupDictDataset(base)[1]
-        >>> sorted(item), int(item["group"])
-        (['group', 'labels', 'pixel_values'], 3)
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        input_key: str = "pixel_values",
-        label_key: str = "labels",
-        group_key: str = "group",
-    ) -> None:
-        self.dataset = dataset
-        self.input_key = input_key
-        self.label_key = label_key
-        self.group_key = group_key
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.dataset[i]
-        if not isinstance(item, (tuple, list)) or len(item) < 3:
-            raise DataError(
-                f"GroupDictDataset needs (inputs, label, group) items; item {i} is "
-                f"{type(item).__name__}"
-            )
-        inputs, label, group = item[:3]
-        return {
-            self.input_key: inputs,
-            self.label_key: torch.as_tensor(label).long().reshape(()),
-            self.group_key: torch.as_tensor(group).long().reshape(()),
-        }
-
-    @property
-    def groups(self) -> Tensor:
-        """LongTensor[N], the group of every item."""
-        return dataset_groups(self.dataset)
-
-
-def as_trainer_dataset(dataset: Dataset, *, input_key: str = "pixel_values") -> Dataset:
-    """Return ``dataset`` with dict items for the Trainer (tuples are wrapped).
-
-    Datasets whose items already are mappings are returned unchanged.
-
-    Example:
-        >>> from miu_hooks.data import GroupTensorDataset
-        >>> ds = as_trainer_dataset(GroupTensorDataset(torch.zeros(1, 2), [0], [2]))
-        >>> sorted(ds[0])
-        ['group', 'labels', 'pixel_values']
-    """
-    if len(dataset) and isinstance(dataset[0], Mapping):  # type: ignore[arg-type]
-        return dataset
-    return GroupDictDataset(dataset, input_key=input_key)
-
-
-def find_features(
-    model: nn.Module, feature_module: str | nn.Module | None = None
-) -> tuple[str, int | None]:
-    """Return the dotted name of the classification head whose input MIU taps, and its width.
-
-    The head is found as in :func:`miu_hooks.taps.resolve_head`; for Hugging Face
-    image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, BEiT, Dinov2, ...) it is
-    ``classifier``, a ``Linear`` or a ``Sequential(Flatten, Linear)`` (ResNet),
-    whose input are the pooled penultimate features. The width is ``None`` when
-    it cannot be read off the head's layers (it is then taken from the first batch).
-
-    Example:
-        >>> find_features(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
-        ('2', 8)
-    """
-    name, head = resolve_head(model, feature_module)
-    return name, infer_feature_dim(head)
 
 
 def _groups_of(values: GroupSource) -> Tensor:

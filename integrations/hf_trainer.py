@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
 from miu_hooks.engine import OriginalSpec
-from miu_hooks.errors import DataError
+from miu_hooks.errors import ConfigTypeError, DataError
 from miu_hooks.integrations.hf_callback import MIUCallback
 from miu_hooks.integrations.hf_hooks import count_items
 
@@ -56,11 +56,28 @@ class MIUTrainerMixin(_TrainerBase):
         **kwargs: The Trainer's own arguments.
 
     Example:
-        >>> cfg = MIUConfig(mi_weight=10.0)
-        >>> trainer = MIUTrainer(model=vit, args=args, train_dataset=retain,
-        ...                      forget_dataset=forget, miu_config=cfg)  # doctest: +SKIP
-        >>> trainer.train()  # doctest: +SKIP
-        >>> trainer.miu.remove()  # doctest: +SKIP
+        >>> import tempfile
+        >>> from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+        >>> from miu_hooks.data import GroupTensorDataset
+        >>> from miu_hooks.integrations.hf import as_trainer_dataset
+        >>> torch.manual_seed(0) and None
+        >>> vit = ViTForImageClassification(ViTConfig(
+        ...     hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...     intermediate_size=32, image_size=8, patch_size=4, num_labels=2))
+        >>> x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 2, (40,))
+        >>> g = 2 * y + torch.randint(0, 2, (40,))
+        >>> retain = as_trainer_dataset(GroupTensorDataset(x[8:], y[8:], g[8:]))
+        >>> forget = as_trainer_dataset(GroupTensorDataset(x[:8], y[:8], g[:8]))
+        >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=2, logging_steps=1,
+        ...                          use_cpu=True, report_to="none", save_strategy="no",
+        ...                          remove_unused_columns=False, disable_tqdm=True)
+        >>> trainer = MIUTrainer(model=vit, args=args, train_dataset=retain, forget_dataset=forget,
+        ...                      miu_config=MIUConfig(mine_hidden=8, mine_warmup_iters=2))
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {...}
+        >>> "miu/calibration" in trainer.state.log_history[0]
+        True
+        >>> trainer.miu.remove()
     """
 
     miu: MIUCallback
@@ -88,6 +105,7 @@ class MIUTrainerMixin(_TrainerBase):
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), callback]
         self.miu = callback
         super().__init__(*args, **kwargs)
+        callback.place(self.callback_handler.callbacks)
         self.model_accepts_loss_kwargs = False
         if hasattr(type(self), "loss_is_scaled_for_ga") and self.compute_loss_func is None:
             self.loss_is_scaled_for_ga = False  # transformers >= 5.23
@@ -176,7 +194,7 @@ def make_miu_trainer(trainer_cls: type[Any]) -> type[Any]:
         'MIUTrainer'
     """
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
-        raise TypeError(f"make_miu_trainer needs a Trainer subclass; got {trainer_cls!r}")
+        raise ConfigTypeError(f"make_miu_trainer needs a Trainer subclass; got {trainer_cls!r}")
     name = "MIU" + (trainer_cls.__name__ if trainer_cls is not Trainer else "Trainer")
     return type(name, (MIUTrainerMixin, trainer_cls), {"__module__": trainer_cls.__module__})
 

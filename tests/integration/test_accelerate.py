@@ -12,7 +12,6 @@ processes at batch B each give the same losses and weights within rtol 1e-5
 
 from __future__ import annotations
 
-import doctest
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,22 +77,6 @@ def _tiny_setup(reweight: bool = True) -> tuple[Any, ...]:
     )
     net, opt, retain_loader = acc.prepare(net, opt, retain_loader)
     return acc, net, opt, retain_loader, DataLoader(forget, batch_size=8), cfg
-
-
-@pytest.mark.integration
-def test_module_doctests_pass(fresh_accelerate: None) -> None:
-    import miu_hooks.distributed
-    import miu_hooks.integrations.accelerate
-    import miu_hooks.integrations.accelerate_runtime
-
-    modules = (
-        miu_hooks.distributed,
-        miu_hooks.integrations.accelerate,
-        miu_hooks.integrations.accelerate_runtime,
-    )
-    for module in modules:
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)
 
 
 @pytest.mark.integration
