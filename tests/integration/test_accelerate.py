@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_trace import assert_no_trace, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -100,6 +101,7 @@ def test_epoch_start_leaves_accelerate_state_clean(fresh_accelerate: None) -> No
     from miu_hooks.integrations.accelerate import AccelerateRuntime, prepare_miu
 
     acc, net, opt, retain_loader, forget_loader, cfg = _tiny_setup()
+    clean = snapshot(net)
     miu = prepare_miu(acc, net, opt, retain_loader, forget_loader, config=cfg)
     assert isinstance(miu.runtime, AccelerateRuntime) and miu.runtime.world_size == 1
     assert miu in acc._custom_objects  # registered for save_state/load_state
@@ -117,7 +119,7 @@ def test_epoch_start_leaves_accelerate_state_clean(fresh_accelerate: None) -> No
     assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters())
     assert {"miu/calibration", "miu/ce", "miu/forget_mi"} <= set(miu.pop_logs())
     miu.remove()
-    assert all(not m._forward_pre_hooks for m in net.modules())
+    assert_no_trace(net, clean)  # no hook, flag or patched forward left on the model
 
 
 @pytest.mark.integration

@@ -20,6 +20,7 @@ import logging
 
 import pytest
 import torch
+from model_trace import assert_no_trace, snapshot
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig
 from transformers import ViTForImageClassification as ViT
 
@@ -132,7 +133,7 @@ def test_trainer_with_callback_unlearns_and_keeps_the_forget_group(setup, tmp_pa
     ga_plain, _, _ = scores(plain, data, forget)
 
     model = copy.deepcopy(original)
-    keys, cls = list(model.state_dict()), type(model)
+    clean = snapshot(model)  # in eval mode, as scores() leaves it below
     cfg = MIUConfig(
         forget_epochs=2, mi_weight=LAMBDA, mine_hidden=64, mine_warmup_iters=30, mine_iters=5
     )
@@ -177,9 +178,8 @@ def test_trainer_with_callback_unlearns_and_keeps_the_forget_group(setup, tmp_pa
     assert sum("miu/forget_mi" in r for r in seen) == 2
 
     # the model: same class, same state_dict keys, no hook left after remove()
-    assert type(model) is cls and list(model.state_dict()) == keys
     callback.remove()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert_no_trace(model, clean)
     assert trainer.args.remove_unused_columns is True  # restored by remove()
     assert any(
         "remove_unused_columns=False" in r.getMessage()

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from model_trace import assert_no_trace, hooks_of, snapshot
 from torch import nn
 from torch.utils.data import TensorDataset
 from toy_problem import toy_net, toy_split
@@ -39,10 +40,6 @@ LOOP = TrainConfig(epochs=3, batch_size=16, lr=0.05, device="cpu")
 _data, _net = toy_split, toy_net
 
 
-def _hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 @pytest.mark.parametrize("method", ["miu", "finetune", "retrain_reweight"])
 def test_same_seed_same_weights(method):
     _, retain, forget = _data()
@@ -62,13 +59,12 @@ def test_same_seed_same_weights(method):
 def test_unlearn_leaves_model_clean_and_keys_unchanged():
     _, retain, forget = _data()
     model = _net(bn=True)
-    keys = list(model.state_dict())
+    clean = snapshot(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     out = unlearn(model, retain, forget, config=CFG, num_groups=4)
-    assert out is model and type(out) is nn.Sequential
-    assert list(model.state_dict()) == keys
-    assert _hooks(model) == 0
+    assert out is model
+    assert_no_trace(model, clean)  # same class, keys, flags; no hook left
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(
         torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
@@ -234,7 +230,7 @@ def test_tuning_restores_batchnorm_and_uses_original_features():
         assert handle.counters["tune"] == 3
     finally:
         handle.remove()
-    assert _hooks(model) == 0 and _hooks(handle.original) == 0
+    assert hooks_of(model) == {} and hooks_of(handle.original) == {}
 
 
 def test_clipping_bounds_the_update():

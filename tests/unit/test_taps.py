@@ -1,17 +1,11 @@
 import pytest
 import torch
+from model_trace import assert_no_trace, hooks_of, snapshot
 from torch import nn
 
 from miu_hooks import FeatureModuleNotFoundError, FeatureTap, resolve_head
 
 pytestmark = pytest.mark.unit
-
-
-def _hook_count(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
 
 
 class TorchvisionStyle(nn.Module):
@@ -68,14 +62,14 @@ CASES = [
 @pytest.mark.parametrize(("factory", "shape", "name", "dim"), CASES)
 def test_finds_head_and_leaves_no_hooks(factory, shape, name, dim):
     model = factory()
-    before = _hook_count(model)
+    before = snapshot(model)
     with FeatureTap(model) as tap:
         assert tap.name == name
         out = model(torch.randn(*shape))
         z = tap.pop()
         assert z.shape == (shape[0], dim) and z.dtype == torch.float32
         assert out.shape[0] == shape[0]
-    assert _hook_count(model) == before
+    assert_no_trace(model, before, same_values=True)
 
 
 def test_hf_style_classifier_and_flattening():
@@ -129,7 +123,7 @@ def test_keeps_only_last_value_and_pop_clears():
     finally:
         tap.remove()
     tap.remove()  # idempotent
-    assert _hook_count(model) == 0
+    assert hooks_of(model) == {}
 
 
 def test_pop_without_forward_raises_clear_error():
@@ -141,7 +135,7 @@ def test_removed_even_when_forward_raises():
     model = HeadStyle()
     with pytest.raises(RuntimeError, match="mat1 and mat2"), FeatureTap(model):
         model(torch.randn(2, 5))
-    assert _hook_count(model) == 0
+    assert hooks_of(model) == {}
 
 
 def test_train_guard_and_capturing_scope():
