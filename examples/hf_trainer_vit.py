@@ -13,7 +13,7 @@ Steps, all on CPU in well under two minutes:
 2. forget 90% of group 2 (the forget set D_f) in two ways, both starting from
    the original and training on the retain set D_r = D minus D_f:
    * plain fine-tuning: the same ``Trainer`` with nothing added;
-   * MIU: the same ``Trainer`` plus ``callbacks=[MIUCallback(D_f)]``;
+   * MIU: the same ``Trainer``, with ``prepare_trainer(trainer, D_f)`` added;
 3. print per-group test accuracy, the forget-group accuracy GA and the accuracy
    on the forgotten samples FA for the three models.
 
@@ -45,7 +45,7 @@ from transformers.utils import logging as hf_logging
 
 from miu_hooks.config import MIUConfig
 from miu_hooks.demo import colored_digits
-from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset, make_compute_metrics
+from miu_hooks.integrations.hf import as_trainer_dataset, make_compute_metrics, prepare_trainer
 from miu_hooks.metrics import accuracy, per_group_accuracy
 from miu_hooks.splits import forget_split, subset
 
@@ -137,18 +137,8 @@ def main() -> None:
             train_dataset=retain_ds,
         ).train()
 
-        # -- 2b. MIU: the same Trainer, plus one callback ----------------------------------
+        # -- 2b. MIU: the same Trainer, plus one line ---------------------------------------
         miu = copy.deepcopy(original)
-        callback = MIUCallback(
-            forget_ds,
-            config=MIUConfig(
-                forget_epochs=2,  # forget passes at the start of the first two epochs
-                mi_weight=10.0,  # lambda of the MI calibration term
-                mine_hidden=64,  # the critics' hidden width (512 in the paper)
-                mine_warmup_iters=10 if quick else 30,
-                mine_iters=5,
-            ),
-        )
         trainer = Trainer(
             model=miu,
             args=training_args(
@@ -158,14 +148,24 @@ def main() -> None:
                 eval_strategy="epoch",
                 logging_strategy="steps",
                 logging_steps=10,
-                # keep the "group" column (the callback would switch this off
+                # keep the "group" column (prepare_trainer would switch this off
                 # itself, with a warning)
                 remove_unused_columns=False,
             ),
             train_dataset=retain_ds,
             eval_dataset=as_trainer_dataset(data.test),
             compute_metrics=make_compute_metrics(data.test.groups, forget_groups=[FORGET_GROUP]),
-            callbacks=[callback],
+        )
+        callback = prepare_trainer(  # the MIU callback, placed ahead of the loggers
+            trainer,
+            forget_ds,
+            config=MIUConfig(
+                forget_epochs=2,  # forget passes at the start of the first two epochs
+                mi_weight=10.0,  # lambda of the MI calibration term
+                mine_hidden=64,  # the critics' hidden width (512 in the paper)
+                mine_warmup_iters=10 if quick else 30,
+                mine_iters=5,
+            ),
         )
         trainer.train()
         callback.remove()  # the model is left exactly as it was built: no hooks
