@@ -14,6 +14,7 @@ import importlib
 import io
 import pkgutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,12 +26,9 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(miu_hooks.integrations.__p
 
 
 def test_every_module_is_listed():
-    folder = sorted(
-        p.stem
-        for p in __import__("pathlib").Path(miu_hooks.integrations.__path__[0]).glob("*.py")
-        if p.stem != "__init__"
-    )
-    assert MODULES == folder and len(MODULES) >= 10
+    folder = Path(miu_hooks.integrations.__path__[0])
+    files = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    assert MODULES == files and len(MODULES) >= 10
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from transformers.integrations import integration_utils
 from transformers.trainer_callback import DefaultFlowCallback
 
 from miu_hooks.config import MIUConfig
-from miu_hooks.datasets import GroupTensorDataset
+from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import ConfigError, ConfigTypeError, MIUError
 from miu_hooks.integrations import hf_callback
 from miu_hooks.integrations.hf import (
