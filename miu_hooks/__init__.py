@@ -48,10 +48,12 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         EmptyGroupError,
         FeatureModuleNotFoundError,
         GroupRangeError,
+        LedgerError,
         MIUError,
         ModelError,
         NoClassifierOutputError,
         NonFiniteLossError,
+        OriginalMismatchError,
         StateError,
     )
     from miu_hooks.estimators import MIEstimator
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         group_weights,
         log_mean_exp,
     )
+    from miu_hooks.ledger import Ledger, LedgerEntry
     from miu_hooks.methods import available_methods, register_method, resolve_run
     from miu_hooks.original import load_original, load_weights, save_weights
     from miu_hooks.runtime import LocalRuntime, Runtime
@@ -93,6 +96,9 @@ __all__ = [
     "GroupTensorDataset",
     "IndexedDataset",
     "L1SparseConfig",
+    "Ledger",
+    "LedgerEntry",
+    "LedgerError",
     "LocalRuntime",
     "MIEstimator",
     "MIUConfig",
@@ -101,6 +107,7 @@ __all__ = [
     "ModelError",
     "NoClassifierOutputError",
     "NonFiniteLossError",
+    "OriginalMismatchError",
     "Report",
     "ResampledView",
     "Runtime",
@@ -149,14 +156,16 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "engine": ("MIUHandle", "attach"),
     "errors": (
         "CheckpointError", "ConfigError", "ConfigTypeError", "DataError", "EmptyForgetSetError",
-        "EmptyGroupError", "FeatureModuleNotFoundError", "GroupRangeError", "MIUError",
-        "ModelError", "NoClassifierOutputError", "NonFiniteLossError", "StateError",
+        "EmptyGroupError", "FeatureModuleNotFoundError", "GroupRangeError", "LedgerError",
+        "MIUError", "ModelError", "NoClassifierOutputError", "NonFiniteLossError",
+        "OriginalMismatchError", "StateError",
     ),
     "estimators": ("MIEstimator",),
     "functional": (
         "calibration_loss", "dv_bound", "ema_log_mean_exp", "group_counts", "group_index",
         "group_weights", "log_mean_exp",
     ),
+    "ledger": ("Ledger", "LedgerEntry"),
     "methods": ("available_methods", "register_method", "resolve_run"),
     "evaluation": ("Report", "evaluate"),
     "original": ("load_original", "load_weights", "save_weights"),

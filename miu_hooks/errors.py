@@ -16,10 +16,12 @@ __all__ = [
     "EmptyGroupError",
     "FeatureModuleNotFoundError",
     "GroupRangeError",
+    "LedgerError",
     "MIUError",
     "ModelError",
     "NoClassifierOutputError",
     "NonFiniteLossError",
+    "OriginalMismatchError",
     "StateError",
 ]
 
@@ -79,3 +81,11 @@ class CheckpointError(MIUError, ValueError):
 
 class NonFiniteLossError(MIUError, FloatingPointError):
     """A loss or MI estimate became NaN or Inf; the run stops and names the step."""
+
+
+class LedgerError(MIUError, ValueError):
+    """A deletion-request ledger is unreadable, inconsistent, or does not fit the data."""
+
+
+class OriginalMismatchError(LedgerError):
+    """A file given as the ledger's original model has another sha256."""

@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from miu_hooks import __version__
-from miu_hooks.cli.errors import Interrupted, exit_code, exit_code_table
+from miu_hooks.cli.errors import Interrupted, NothingToForget, exit_code, exit_code_table
 from miu_hooks.errors import MIUError
 
 __all__ = ["cli", "main"]
@@ -36,6 +36,7 @@ Examples:
   miu-unlearn demo
   miu-unlearn -m vit/ -d train.safetensors -f forget.csv --test test.safetensors -o out/
   miu-unlearn -m model.safetensors --arch mypkg.models:build -d data.csv -f ids.csv
+  miu-unlearn -m out/ -d train.safetensors -f more-ids.csv -o out2/   # a later request
 
 \b
 Inputs: --model is a save_pretrained folder (config.json + model.safetensors), its
@@ -44,8 +45,17 @@ a .safetensors file (inputs, labels, groups[, ids]), a .csv manifest
 (path,label,group[,id]; images resized to --image-size, RGB, mean=std=0.5) or a
 datasets save_to_disk folder (needs 'datasets'). Forget ids (header required,
 --id-column) match the data's ids, else row numbers; duplicate ids are an error.
-Output --out: model.safetensors, config.json, report.json, report.md, groups.png.
+Output --out: model.safetensors, config.json, report.json, report.md, groups.png,
+ledger.json (the original model's path and sha256, the data's sha256, every request
+so far) and forgotten.csv (every id forgotten so far).
 An interrupted run keeps .<out>.partial/ beside it; --resume continues it.
+
+\b
+Repeated requests: when --model is an earlier output, the run forgets every id of
+its ledger plus the new ones (retain = data minus all of them), samples with
+REWEIGHT against the whole data and calibrates against the ledger's ORIGINAL model
+(--original PATH if it moved; its sha256 must match). --data must be the same data
+(sha256). A request whose ids were all forgotten before exits 0 and writes nothing.
 
 \b
 Exit codes:
@@ -84,6 +94,11 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except NothingToForget as done:  # an outcome, not an error: exit 0, nothing written
+            if ctx.params.get("as_json"):
+                click.echo(json.dumps({"nothing_to_do": True, "message": done.message}))
+            click.echo(f"miu-unlearn: {_one_line(done.message)}", err=True)
+            return None
         except KeyboardInterrupt as exc:
             resume = ctx.meta.get("miu_resume_hint", "")
             click.echo(f"miu-unlearn: interrupted ({exc or 'Ctrl-C'}){resume}", err=True)
@@ -179,6 +194,16 @@ def _print_counts(prep: Any, log: Any) -> None:
         log(f"{prep.group_names[g]:<{width}}  {n:>7}  {f:>6}  {r:>6}")
 
 
+def _log_request(prep: Any, log: Any) -> None:
+    request = prep.request
+    if request is not None and request.continued:
+        log(
+            f"request {len(request.ledger) + 1}: {len(request.new_ids)} new of "
+            f"{len(request.request.ids)} ids, {len(request.ledger.forgotten)} forgotten before; "
+            f"calibrating against the original model {request.original.weights}"
+        )
+
+
 def _print_result(report: dict[str, Any], as_json: bool, quiet: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -217,6 +242,7 @@ _PATH = click.Path(dir_okay=True, path_type=str)
 @_opt("--test", type=_PATH, help="Test set: TA, EO, GA, per-group accuracy, MIA.")
 @_opt("--val", type=_PATH, help="Held-out set for MIA (default: the test set).")
 @_opt("--reference", multiple=True, help="[NAME=]PATH of a retrained model (Gap, ToW).")
+@_opt("--original", type=_PATH, help="Where the ledger's original model lies now (moved).")
 @_opt("--method", default="miu", help="Method; `miu-unlearn methods` lists them.")
 @_opt(
     "--config", "config_file", type=_PATH, help="JSON of the method's config fields (options win)."
@@ -300,7 +326,9 @@ def cli(ctx: click.Context, **opts: Any) -> None:
         else (),
         forget_groups=_ints(opts["forget_groups"], "--forget-groups"),
         overwrite=opts["overwrite"],
+        original=opts["original"],
     )
+    _log_request(prep, console.log)
     console.log(f"forgetting {len(prep.plan.forget)} of {len(prep.data)} samples:")
     _print_counts(prep, console.log)
     console.log("EO and GA refer to group(s) " + ", ".join(map(str, prep.forget_groups)))

@@ -22,9 +22,11 @@ from miu_hooks.errors import (
     EmptyGroupError,
     FeatureModuleNotFoundError,
     GroupRangeError,
+    LedgerError,
     MIUError,
     NoClassifierOutputError,
     NonFiniteLossError,
+    OriginalMismatchError,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "InputNotFoundError",
     "Interrupted",
     "MissingDependencyError",
+    "NothingToForget",
     "OutputError",
     "exit_code",
     "exit_code_table",
@@ -62,6 +65,21 @@ class MissingDependencyError(MIUError, ImportError):
     """An optional dependency needed by this input is not installed."""
 
 
+class NothingToForget(Exception):
+    """Every id of the request was forgotten by an earlier one: nothing is run or written.
+
+    Not an :class:`MIUError`: the command line prints the message and exits 0,
+    since the input model already is the model without those samples.
+
+    Attributes:
+        message: What the command line prints.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class Interrupted(KeyboardInterrupt):
     """Raised by the SIGTERM handler so that cleanup runs as for Ctrl-C.
 
@@ -79,7 +97,7 @@ EXIT_USAGE = 2
 
 # (code, exception type, meaning); the most specific type wins (see exit_code).
 EXIT_CODES: tuple[tuple[int, type[BaseException] | None, str], ...] = (
-    (0, None, "success"),
+    (0, None, "success (also: every id was forgotten before; nothing is written)"),
     (EXIT_INTERNAL, None, "unexpected internal error (set MIU_HOOKS_DEBUG=1 for a traceback)"),
     (EXIT_USAGE, ConfigError, "bad usage: unknown option or method, invalid option value"),
     (3, InputNotFoundError, "an input file or folder does not exist"),
@@ -96,6 +114,8 @@ EXIT_CODES: tuple[tuple[int, type[BaseException] | None, str], ...] = (
     (14, OutputError, "output folder not writable, not empty, or equal to/containing an input"),
     (15, MissingDependencyError, "an optional dependency is missing (the message says which)"),
     (16, MIUError, "another miu_hooks error"),
+    (17, OriginalMismatchError, "the original model's file has another sha256 than the ledger's"),
+    (18, LedgerError, "the input's ledger.json is unreadable or does not fit the data or options"),
     (130, KeyboardInterrupt, "interrupted by Ctrl-C (SIGINT); rerun with --resume"),
     (143, Interrupted, "terminated by SIGTERM; rerun with --resume"),
 )

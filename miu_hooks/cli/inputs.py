@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,10 @@ from miu_hooks.cli.errors import (
     OutputError,
 )
 from miu_hooks.errors import CheckpointError, EmptyForgetSetError, EmptyGroupError, GroupRangeError
+from miu_hooks.ledger import sha256_file
+
+if TYPE_CHECKING:
+    from miu_hooks.cli.chain import Request
 
 __all__ = [
     "ForgetList",
@@ -45,15 +50,6 @@ __all__ = [
 WEIGHTS_NAME = "model.safetensors"
 _INT = re.compile(r"^[+-]?\d+$")
 _ARCH = re.compile(r"^[^:]+:[A-Za-z_][A-Za-z0-9_.]*$")
-
-
-def sha256_file(path: str | Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -329,6 +325,8 @@ class Prepared:
         references: ``{name: source}`` of retrained checkpoints for Gap and ToW.
         group_names: Display name of every group id.
         forget_groups: The forgotten group(s) (Y_f x S_f) that EO and GA refer to.
+        request: This request against the ledger of earlier ones (the union of
+            every forgotten id is what ``plan`` splits off; the original model).
     """
 
     model: ModelSource
@@ -341,6 +339,7 @@ class Prepared:
     references: Mapping[str, ModelSource] = field(default_factory=dict)
     group_names: tuple[str, ...] = ()
     forget_groups: tuple[int, ...] = ()
+    request: Request | None = None
 
 
 def prepare(
@@ -361,6 +360,7 @@ def prepare(
     group_names: Sequence[str] = (),
     forget_groups: Sequence[int] = (),
     overwrite: bool = False,
+    original: str | Path | None = None,
 ) -> Prepared:
     """Check every input of a run without importing torch (see the module docstring).
 
@@ -369,9 +369,17 @@ def prepare(
     the paper's forget sets are dominated by one group, and with several groups
     Y_f x S_f may cover every (y, s) cell, leaving EO undefined.
 
+    When ``model`` is an earlier output (its folder holds ``ledger.json``), the
+    split forgets every id of its ledger too, and ``original`` (``--original``)
+    says where the ledger's original model lies now
+    (:func:`miu_hooks.cli.chain.plan_request`).
+
     Raises:
         MIUError: One of the :mod:`miu_hooks.cli.errors` types, naming the problem.
+        NothingToForget: Every id was forgotten by an earlier request.
     """
+    from miu_hooks.cli.chain import plan_request
+
     source = resolve_model_source(model, arch)
     refs = {
         name: resolve_model_source(path, arch, default_config=source.config_dir)
@@ -391,7 +399,8 @@ def prepare(
             f"group ids must lie in [0, {num_groups or high}); found {low}..{high - 1}"
         )
     names = tuple(group_names) or index.group_names
-    plan = plan_split(index, forget_list, num_groups or high, names)
+    request = plan_request(source, index, forget_list, original=original, arch=arch)
+    plan = plan_split(index, request.union, num_groups or high, names)
     names = tuple(group_name(g, names, num_sensitive) for g in range(plan.num_groups))
     bad = [g for g in forget_groups if not 0 <= g < plan.num_groups]
     if bad:
@@ -400,7 +409,18 @@ def prepare(
     chosen = tuple(sorted(set(forget_groups))) or (dominant,)
     inputs = [source.weights, source.folder, index.path, forget_list.path]
     inputs += [s.weights for s in refs.values()] + [e.path for e in every[1:]]
+    inputs += [request.original.weights, request.original.folder]
     target = check_output(out, inputs, overwrite=overwrite)
     return Prepared(
-        source, index, forget_list, plan, target, evals["test"], evals["val"], refs, names, chosen
+        source,
+        index,
+        forget_list,
+        plan,
+        target,
+        evals["test"],
+        evals["val"],
+        refs,
+        names,
+        chosen,
+        request,
     )

@@ -124,6 +124,29 @@ def _counts_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ledger_markdown(report: Mapping[str, Any]) -> list[str]:
+    entries = report.get("ledger")
+    if not entries:
+        return []
+    original = report["original"]
+    lines = [
+        "## Deletion requests (ledger.json, forgotten.csv)",
+        "",
+        f"Calibrated against the original model `{original['path']}` (sha256 "
+        f"`{original['sha256'][:16]}…`); {report['forgotten']} ids forgotten in all.",
+        "",
+        "| request | ids | new ids | forgotten | method | model in | model out | finished |",
+        "|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for k, e in enumerate(entries, 1):
+        lines.append(
+            f"| {k} | {len(e['ids'])} | {len(e['new_ids'])} | {e['forgotten']} | {e['method']} "
+            f"| `{e['model_in_sha256'][:12]}` | `{e['model_out_sha256'][:12]}` "
+            f"| {e['finished_at']} |"
+        )
+    return [*lines, ""]
+
+
 def render_markdown(report: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
     """Return ``report.md``: summary, metrics, per-group accuracy before/after, counts."""
     from miu_hooks.evaluation import format_table
@@ -132,11 +155,12 @@ def render_markdown(report: Mapping[str, Any], notes: Sequence[str] = ()) -> str
     refs = {k: models[k] for k in report["references"]}
     on = report["evaluated_on"]
     inputs = report["inputs"]
+    request = report.get("request", {})
     lines = [
         f"# miu-unlearn report: {report['method']}",
         "",
         f"- model: `{inputs['model']}` (sha256 `{inputs['model_sha256'][:16]}…`)",
-        f"- forget list: `{inputs['forget']}` ({report['forgotten']} ids, "
+        f"- forget list: `{inputs['forget']}` ({request.get('ids', report['forgotten'])} ids, "
         f"sha256 `{inputs['forget_sha256'][:16]}…`)",
         f"- data: `{inputs['data']}`; accuracy per group on the {on} set",
         f"- EO and GA refer to group(s) {', '.join(map(str, report['forget_groups']))}",
@@ -154,6 +178,7 @@ def render_markdown(report: Mapping[str, Any], notes: Sequence[str] = ()) -> str
         "",
         _counts_markdown(report),
         "",
+        *_ledger_markdown(report),
     ]
     if on != "test":
         lines += ["Pass `--test` for TA, MIA, EO, GA and Gap/ToW.", ""]

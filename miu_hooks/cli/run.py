@@ -2,14 +2,19 @@
 
 :func:`execute` takes inputs checked by :func:`miu_hooks.cli.inputs.prepare`.
 Its work lives in a hidden folder beside the output, ``.<out>.partial/``:
-``run.json`` (the inputs' fingerprint), ``before.json`` and ``reference-*.json``
-(finished evaluations) and ``unlearn_state.safetensors`` (the last finished
-epoch, written atomically by :func:`miu_hooks.unlearn`). An interruption keeps
+``run.json`` (the inputs' fingerprint), ``before.json``, ``previous.json`` and
+``reference-*.json`` (finished evaluations) and ``unlearn_state.safetensors``
+(the last finished epoch, written atomically by :func:`miu_hooks.unlearn`). An interruption keeps
 that folder and ``resume=True`` continues from the last finished phase or
 epoch, giving the same weights as an uninterrupted run (CPU, same seed). On
 success the output folder appears in one rename and the work folder is
 removed; on any other error the work folder is removed too, so nothing partial
 is left.
+
+Every output carries the ledger of deletion requests (:mod:`miu_hooks.cli.chain`):
+a run on an earlier output forgets every id of its ledger too and calibrates
+against the ledger's original model, which the report shows as ``original``
+(the input model is ``previous``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from miu_hooks.atomic import atomic_write_folder, atomic_write_text
+from miu_hooks.cli.chain import FORGOTTEN_FILE, LEDGER_FILE, Request, ledger_report, plan_request
 from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
 from miu_hooks.cli.load import build_model, image_settings, load_dataset, load_model
 from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
@@ -36,6 +42,7 @@ from miu_hooks.config import TrainConfig
 from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import CheckpointError
 from miu_hooks.evaluation import evaluate, predict
+from miu_hooks.ledger import Ledger
 from miu_hooks.methods import resolve_run
 from miu_hooks.metrics import accuracy, avg_gap, per_group_accuracy, tow
 from miu_hooks.original import save_weights
@@ -122,14 +129,17 @@ def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]
     return value
 
 
-def _fingerprint(prep: Prepared, config: TrainConfig, method: str) -> dict[str, Any]:
+def _fingerprint(
+    prep: Prepared, request: Request, config: TrainConfig, method: str
+) -> dict[str, Any]:
     def data_id(p: Path | None) -> str | None:
         return None if p is None else (sha256_file(p) if p.is_file() else str(p.resolve()))
 
     return {
-        "model_sha256": sha256_file(prep.model.weights),
+        "model_sha256": request.model_sha256,
         "forget_sha256": prep.forget.sha256,
-        "data": data_id(prep.data.path),
+        "ledger": request.ledger.to_dict(),
+        "data": request.ledger.data_sha256,
         "test": data_id(prep.test.path if prep.test else None),
         "val": data_id(prep.val.path if prep.val else None),
         "references": {k: sha256_file(s.weights) for k, s in prep.references.items()},
@@ -237,10 +247,13 @@ def _execute(
     start_time = time.monotonic()
     plan, num_sensitive = prep.plan, config.num_sensitive
     work = work_dir(prep.out)
-    fingerprint = _fingerprint(prep, config, method)
+    request = prep.request or plan_request(prep.model, prep.data, prep.forget)
+    fingerprint = _fingerprint(prep, request, config, method)
     phases = console.steps(["load", "evaluate original", "unlearn", "evaluate", "write"], "run")
     next(phases)
     model = load_model(prep.model, seed=config.seed)
+    # A later request calibrates against the ledger's original, not the model it starts from.
+    original = load_model(request.original, seed=config.seed) if request.continued else None
     refs = {name: load_model(src, seed=config.seed) for name, src in prep.references.items()}
     side, mode = image_settings(prep.model, image_size)
     data = load_dataset(prep.data, side=side, mode=mode)
@@ -266,7 +279,10 @@ def _execute(
     done = False
     try:
         next(phases)
-        models = {"original": _cached(work / "before.json", measure(model))}
+        reference = model if original is None else original
+        models = {"original": _cached(work / "before.json", measure(reference))}
+        if original is not None:
+            models["previous"] = _cached(work / "previous.json", measure(model))
         for i, (name, ref) in enumerate(refs.items()):
             models[name] = _cached(work / f"reference-{i}.json", measure(ref))
         next(phases)
@@ -280,6 +296,7 @@ def _execute(
                 method=method,
                 num_groups=plan.num_groups,
                 feature_module=feature_module,
+                original=original,
                 state_dir=work,
                 resume=True,
                 on_epoch_end=lambda *_: tick(),
@@ -296,8 +313,15 @@ def _execute(
             "config": config.to_json(),
             "input_sha256": fingerprint["model_sha256"],
             "forget_sha256": prep.forget.sha256,
+            "original_sha256": request.ledger.original_sha256,
             "miu_hooks_version": report["miu_hooks_version"],
         }
+        ledger: list[Ledger] = []
+
+        def write_model(path: Path) -> None:
+            save_weights(net.cpu(), path, meta)
+            ledger.append(request.finish(method, path))  # hashes the file just written
+            report.update(ledger_report(ledger[0], request))
 
         def plot(path: Path) -> bool:
             if plot_groups(report, path):
@@ -306,7 +330,9 @@ def _execute(
             return False
 
         writers: dict[str, Callable[[Path], Any]] = {
-            "model.safetensors": lambda p: save_weights(net.cpu(), p, meta),
+            "model.safetensors": write_model,  # first: the ledger records its sha256
+            LEDGER_FILE: lambda p: ledger[0].save(p),
+            FORGOTTEN_FILE: lambda p: p.write_text(ledger[0].forgotten_csv()),
             "report.json": lambda p: p.write_text(dump_json(report)),
             "groups.png": plot,  # before report.md, which lists a skipped plot
             "report.md": lambda p: p.write_text(render_markdown(report, notes)),
@@ -340,7 +366,7 @@ def _report(
     from miu_hooks import __version__
 
     plan = prep.plan
-    ordered = {k: models[k] for k in ("original", "unlearned", *refs)}
+    ordered = {k: models[k] for k in ("original", "previous", "unlearned", *refs) if k in models}
     return {
         "miu_hooks_version": __version__,
         "method": method,
@@ -371,7 +397,7 @@ def _report(
         "evaluated_on": "test" if prep.test is not None else "retain",
         "references": refs,
         "models": ordered,
-        "gaps": _gaps(ordered, refs, ["original", "unlearned"]) if prep.test else {},
+        "gaps": _gaps(ordered, refs, [k for k in ordered if k not in refs]) if prep.test else {},
         "output": str(prep.out),
         "wall_s": round(time.monotonic() - start_time, 3),
     }

@@ -31,7 +31,8 @@ def build():
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 2))
 """
 FAST = {"mine_hidden": 16, "mine_warmup_iters": 5, "mine_iters": 2}
-OUTPUTS = {"model.safetensors", "report.json", "report.md", "groups.png"}
+OUTPUTS = {"model.safetensors", "report.json", "report.md", "groups.png", "ledger.json",
+           "forgotten.csv"}  # fmt: skip
 
 
 def sha(path: Path) -> str:
@@ -287,6 +288,19 @@ def test_hf_folder_run(ws: Workspace, hf_folder: Path, tmp_path: Path, mode: str
     assert torch.equal(
         reloaded.classifier.weight, load_file(str(out / "model.safetensors"))["classifier.weight"]
     )
+    if mode == "runner":  # a second request on the output folder continues its ledger
+        more = ws.ids[ws.groups == 3][20:25].tolist()
+        (tmp_path / "more.csv").write_text("id\n" + "\n".join(map(str, more)) + "\n")
+        args[args.index("-m") + 1] = str(out)
+        args[args.index("-f") + 1] = str(tmp_path / "more.csv")
+        args[args.index("-o") + 1] = str(tmp_path / "out2")
+        del args[args.index("--test") : args.index("--test") + 2]
+        res = RUNNERS[mode](args)
+        assert res.code == 0, res.stderr
+        report = json.loads((tmp_path / "out2" / "report.json").read_text())
+        assert [len(e["new_ids"]) for e in report["ledger"]] == [20, 5]
+        assert report["original"]["path"] == str((hf_folder / "model.safetensors").resolve())
+        assert report["models"].keys() == {"original", "previous", "unlearned"}
 
 
 @pytest.mark.slow
