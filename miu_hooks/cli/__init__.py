@@ -9,6 +9,8 @@ Modules:
   (ids, labels and groups) so bad input fails before torch is imported;
 - :mod:`~miu_hooks.cli.inputs`: checking every input (:func:`~miu_hooks.cli.inputs.prepare`);
 - :mod:`~miu_hooks.cli.load`: building models and data sets from checked inputs;
+- :mod:`~miu_hooks.cli.chain`: the ledger of deletion requests carried by every
+  output, and continuing it when ``--model`` is an earlier output;
 - :mod:`~miu_hooks.cli.run`: the resumable run (:func:`~miu_hooks.cli.run.execute`);
 - :mod:`~miu_hooks.cli.report`: console output, ``report.md`` and ``groups.png``.
 
