@@ -47,7 +47,7 @@ from run import _cpu_name
 from torch import nn
 
 import miu_hooks
-from miu_hooks import Ledger, evaluate, load_original, unlearn
+from miu_hooks import Ledger, evaluate, load_original, resolve_run, unlearn
 from miu_hooks.atomic import atomic_write_text
 from miu_hooks.demo import ColoredSplits
 from miu_hooks.evaluation import predict
@@ -65,8 +65,9 @@ ALONE = "miu_alone"  # each request alone, as before the ledger
 def _config(s: Settings, seed: int, row: str) -> tuple[str, Any]:
     """``(method, config)`` of a METHODS row with the benchmark's recipe (as run.py builds it)."""
     method, changes = {r: (m, ch) for r, m, ch in METHODS}[row]
-    cfg = train_config(s, seed) if method.startswith("retrain") else base_config(s, seed)
-    return method, cfg.replace(**changes)
+    is_retrain = method.startswith("retrain")
+    base = train_config(s, seed) if is_retrain else base_config(s, seed, method)
+    return method, resolve_run(method, base.replace(**changes)).config  # as it runs
 
 
 def chunks(forget_idx: np.ndarray, k: int, seed: int) -> list[np.ndarray]:

@@ -9,29 +9,18 @@ requests: the original model (path and sha256), the data's sha256, and one
 atomically; ``miu-unlearn`` keeps it as ``ledger.json`` in every output folder.
 
 Only the standard library and numpy are imported here; torch is imported by
-:func:`weights_sha256` and :meth:`Ledger.split` when they are called.
-
-Example:
-    >>> ledger = Ledger("ab" * 32)                 # the original model's sha256
-    >>> ledger.new_ids([3, 5]).tolist()
-    [3, 5]
-    >>> _ = ledger.add_request([3, 5], method="miu", model_in_sha256="ab" * 32,
-    ...                        model_out_sha256="cd" * 32)
-    >>> ledger.new_ids([5, 8]).tolist(), ledger.forgotten.tolist()
-    ([8], [3, 5])
-    >>> ledger.retain_mask(range(10)).nonzero()[0].tolist()
-    [0, 1, 2, 4, 6, 7, 8, 9]
+:meth:`Ledger.split` (and :func:`~miu_hooks.fingerprints.weights_sha256`) when called.
+The digests it records come from :mod:`miu_hooks.fingerprints`, re-exported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +28,13 @@ import numpy as np
 
 from miu_hooks.atomic import atomic_write_text
 from miu_hooks.errors import DataError, EmptyForgetSetError, LedgerError, OriginalMismatchError
+from miu_hooks.fingerprints import (
+    check_ids,
+    ids_sha256,
+    sha256_file,
+    sha256_path,
+    weights_sha256,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -58,95 +54,6 @@ FORMAT = "miu_hooks.ledger/1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_path(path: str | os.PathLike[str]) -> str:
-    """Return the sha256 of a file, or of a folder's files (names and contents).
-
-    A folder (e.g. a ``datasets`` ``save_to_disk`` folder) hashes, in sorted
-    order, every file's path relative to the folder and that file's sha256, so
-    renaming, adding, removing or changing any file changes the digest.
-
-    Example:
-        >>> import tempfile
-        >>> d = Path(tempfile.mkdtemp())
-        >>> _ = (d / "a.txt").write_text("1")
-        >>> before = sha256_path(d)
-        >>> _ = (d / "a.txt").write_text("2")
-        >>> before != sha256_path(d), len(before)
-        (True, 64)
-    """
-    p = Path(path)
-    if not p.is_dir():
-        return sha256_file(p)
-    digest = hashlib.sha256(b"folder\0")
-    for item in sorted(q for q in p.rglob("*") if q.is_file()):
-        digest.update(item.relative_to(p).as_posix().encode() + b"\0")
-        digest.update(sha256_file(item).encode() + b"\0")
-    return digest.hexdigest()
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Return a sha256 of ``model``'s ``state_dict`` (names, dtypes, shapes and bytes).
-
-    For in-memory models; a model saved to a file is identified by the file's
-    sha256 (:func:`sha256_file`) instead, which is what ``miu-unlearn`` records.
-
-    Example:
-        >>> import torch
-        >>> a = torch.nn.Linear(2, 2)
-        >>> b = torch.nn.Linear(2, 2)
-        >>> _ = b.load_state_dict(a.state_dict())
-        >>> weights_sha256(a) == weights_sha256(b)
-        True
-    """
-    import torch
-
-    digest = hashlib.sha256(b"state_dict\0")
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _as_ids(ids: Iterable[int] | np.ndarray, what: str = "ids") -> np.ndarray:
-    arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"{what} must be a flat sequence of integers; got {arr.dtype}{arr.shape}")
-    arr = arr.astype(np.int64)
-    uniq, counts = np.unique(arr, return_counts=True)
-    if (counts > 1).any():
-        shown = ", ".join(str(v) for v in uniq[counts > 1][:10])
-        raise DataError(f"{what} must be unique; repeated: {shown}")
-    return arr
-
-
-def ids_sha256(ids: Iterable[int] | np.ndarray) -> str:
-    r"""Return the sha256 of ``ids`` written as a forget CSV (``id`` header, one id a line).
-
-    The Python API's stand-in for the forget file's sha256 that ``miu-unlearn``
-    records: the same ids in the same order as the file ``id\n4\n7\n``
-    give that file's digest.
-
-    Example:
-        >>> import hashlib
-        >>> ids_sha256([4, 7]) == hashlib.sha256(b"id\n4\n7\n").hexdigest()
-        True
-    """
-    text = "id\n" + "".join(f"{int(i)}\n" for i in _as_ids(ids))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -161,7 +68,7 @@ def _field(data: Mapping[str, Any], key: str, where: str) -> str:
     return _hex(data.get(key), f"{where}: {key!r}")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LedgerEntry:
     """One served deletion request.
 
@@ -188,16 +95,7 @@ class LedgerEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the entry as a JSON-ready dict (the ``report.json`` and ``ledger.json`` form)."""
-        return {
-            "forget_sha256": self.forget_sha256,
-            "ids": list(self.ids),
-            "new_ids": list(self.new_ids),
-            "model_in_sha256": self.model_in_sha256,
-            "model_out_sha256": self.model_out_sha256,
-            "method": self.method,
-            "finished_at": self.finished_at,
-            "forgotten": self.forgotten,
-        }
+        return {**dataclasses.asdict(self), "ids": list(self.ids), "new_ids": list(self.new_ids)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "ledger entry") -> LedgerEntry:
@@ -207,8 +105,8 @@ class LedgerEntry:
             LedgerError: A field is missing or malformed.
         """
         try:
-            ids = tuple(int(i) for i in _as_ids(data["ids"], "ids"))
-            new_ids = tuple(int(i) for i in _as_ids(data["new_ids"], "new_ids"))
+            ids = tuple(int(i) for i in check_ids(data["ids"], "ids"))
+            new_ids = tuple(int(i) for i in check_ids(data["new_ids"], "new_ids"))
             method, finished, forgotten = data["method"], data["finished_at"], data["forgotten"]
         except (KeyError, TypeError, DataError) as exc:
             raise LedgerError(f"{where} is malformed ({exc})") from exc
@@ -322,7 +220,7 @@ class Ledger:
         Raises:
             DataError: ``ids`` are not unique integers.
         """
-        arr = _as_ids(ids)
+        arr = check_ids(ids)
         return arr[~np.isin(arr, self._forgotten)]
 
     def _append(self, entry: LedgerEntry) -> None:
@@ -365,7 +263,7 @@ class Ledger:
             DataError: ``ids`` are not unique integers.
             LedgerError: A digest is not a hex sha256.
         """
-        arr = _as_ids(ids)
+        arr = check_ids(ids)
         new = self.new_ids(arr)
         if len(new) == 0:
             what = (
@@ -401,8 +299,8 @@ class Ledger:
             LedgerError: Ids forgotten earlier are not in ``sample_ids`` (other data?).
             DataError: ``ids`` are not in ``sample_ids``, or ids are not unique integers.
         """
-        keys = _as_ids(sample_ids, "sample ids")
-        pending = _as_ids(ids)
+        keys = check_ids(sample_ids, "sample ids")
+        pending = check_ids(ids)
         missing = self._forgotten[~np.isin(self._forgotten, keys)]
         if len(missing):
             shown = ", ".join(str(v) for v in missing[:10])
