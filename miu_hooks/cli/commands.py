@@ -52,10 +52,11 @@ An interrupted run keeps .<out>.partial/ beside it; --resume continues it.
 
 \b
 Repeated requests: when --model is an earlier output, the run forgets every id of
-its ledger plus the new ones (retain = data minus all of them), samples with
-REWEIGHT against the whole data and calibrates against the ledger's ORIGINAL model
-(--original PATH if it moved; its sha256 must match). --data must be the same data
-(sha256). A request whose ids were all forgotten before exits 0 and writes nothing.
+its ledger plus the new ones (retain = data minus all of them; REWEIGHT, where the
+method uses it, targets the whole data's mixture) and calibrates MIU against the
+ledger's ORIGINAL model (--original PATH if it moved; its sha256 must match). --data
+must be the same data (sha256). A request whose ids were all forgotten before exits 0
+and writes nothing.
 
 \b
 Exit codes:
