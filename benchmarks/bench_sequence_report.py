@@ -19,6 +19,9 @@ NAMES = {
     "retrain_reweight": "Retrain+REWEIGHT on D_r(k) (reference)",
 }
 SEQUENCES = ("miu", "finetune_reweight", "miu_alone")
+SETTINGS = ("seeds", "digits_samples", "digits_copies", "forget_group", "size", "label_noise",
+            "color_flip", "hidden", "batch_size", "train_epochs", "train_lr", "unlearn_epochs",
+            "unlearn_lr", "mine_warmup_iters", "mine_iters", "threads")  # fmt: skip
 
 
 def _pm(values: list[float], digits: int = 2) -> str:
@@ -158,7 +161,7 @@ def render(seeds: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "`unlearn(..., original=<original>)`). Chunks and ledgers per seed are in the JSON.",
         "",
         "```",
-        f"settings: {json.dumps(meta['settings'])}",
+        f"settings: {json.dumps({k: meta['settings'][k] for k in SETTINGS})}",
         *(f"{row}: {json.dumps(cfg)}" for row, cfg in meta["configs"].items()),
         f"versions: {json.dumps(meta['versions'])}",
         "```",

@@ -183,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "RESULTS_sequence.md")
     p.add_argument("--json", type=Path, help="raw results [--out with .json]")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--from-json", type=Path, help="re-render --out from a results JSON, no runs")
     args = p.parse_args(argv)
     if args.requests < 2:
         p.error("--requests must be at least 2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.from_json:
+        raw = json.loads(args.from_json.read_text())
+        atomic_write_text(args.out, render(raw["seeds"], raw["meta"]))
+        logger.info("re-rendered %s from %s", args.out, args.from_json)
+        return 0
     logging.getLogger("miu_hooks").setLevel(logging.WARNING)
     s = dataclasses.replace(QUICK if args.quick else Settings(), threads=args.threads)
     if args.seeds:
