@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from miu_hooks.config import (
         L1SparseConfig,
         MIUConfig,
+        NegGradConfig,
+        RetrainConfig,
         SalUnConfig,
         SCRUBConfig,
         TrainConfig,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from miu_hooks.engine import MIUHandle, attach
     from miu_hooks.errors import (
         CheckpointError,
+        CollapseWarning,
         ConfigError,
         ConfigTypeError,
         DataError,
@@ -62,13 +65,16 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         calibration_loss,
         dv_bound,
         ema_log_mean_exp,
+        forget_objective,
         group_counts,
         group_index,
         group_weights,
         log_mean_exp,
     )
+    from miu_hooks.guard import GuardOutcome
     from miu_hooks.ledger import Ledger, LedgerEntry
     from miu_hooks.methods import available_methods, register_method, resolve_run
+    from miu_hooks.methods.retrain import reinitialize
     from miu_hooks.original import load_original, load_weights, save_weights
     from miu_hooks.runtime import LocalRuntime, Runtime
     from miu_hooks.sampling import GroupReweightSampler, ResampledView
@@ -83,6 +89,7 @@ __all__ = [
     "Batch",
     "CheckpointError",
     "ColoredSplits",
+    "CollapseWarning",
     "ConfigError",
     "ConfigField",
     "ConfigTypeError",
@@ -92,6 +99,7 @@ __all__ = [
     "FeatureModuleNotFoundError",
     "FeatureTap",
     "GroupRangeError",
+    "GuardOutcome",
     "GroupReweightSampler",
     "GroupTensorDataset",
     "IndexedDataset",
@@ -104,11 +112,13 @@ __all__ = [
     "MIUConfig",
     "MIUError",
     "MIUHandle",
+    "NegGradConfig",
     "ModelError",
     "NoClassifierOutputError",
     "NonFiniteLossError",
     "OriginalMismatchError",
     "Report",
+    "RetrainConfig",
     "ResampledView",
     "Runtime",
     "SCRUBConfig",
@@ -125,6 +135,7 @@ __all__ = [
     "dv_bound",
     "ema_log_mean_exp",
     "evaluate",
+    "forget_objective",
     "forget_split",
     "forward_logits",
     "group_counts",
@@ -134,6 +145,7 @@ __all__ = [
     "load_weights",
     "log_mean_exp",
     "register_method",
+    "reinitialize",
     "resolve_head",
     "resolve_run",
     "save_weights",
@@ -146,7 +158,10 @@ __all__ = [
 
 # Public name -> submodule that defines it (loaded on first access).
 _SOURCES: dict[str, tuple[str, ...]] = {
-    "config": ("L1SparseConfig", "MIUConfig", "SCRUBConfig", "SalUnConfig", "TrainConfig"),
+    "config": (
+        "L1SparseConfig", "MIUConfig", "NegGradConfig", "RetrainConfig", "SCRUBConfig",
+        "SalUnConfig", "TrainConfig",
+    ),
     "config_base": ("ConfigField", "config_fields"),
     "data": (
         "Batch", "GroupTensorDataset", "IndexedDataset", "dataset_groups", "forward_logits",
@@ -155,19 +170,21 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "demo.toy_data": ("ColoredSplits", "colored_digits"),
     "engine": ("MIUHandle", "attach"),
     "errors": (
-        "CheckpointError", "ConfigError", "ConfigTypeError", "DataError", "EmptyForgetSetError",
-        "EmptyGroupError", "FeatureModuleNotFoundError", "GroupRangeError", "LedgerError",
-        "MIUError", "ModelError", "NoClassifierOutputError", "NonFiniteLossError",
+        "CheckpointError", "CollapseWarning", "ConfigError", "ConfigTypeError", "DataError",
+        "EmptyForgetSetError", "EmptyGroupError", "FeatureModuleNotFoundError", "GroupRangeError",
+        "LedgerError", "MIUError", "ModelError", "NoClassifierOutputError", "NonFiniteLossError",
         "OriginalMismatchError", "StateError",
     ),
     "estimators": ("MIEstimator",),
     "functional": (
-        "calibration_loss", "dv_bound", "ema_log_mean_exp", "group_counts", "group_index",
-        "group_weights", "log_mean_exp",
+        "calibration_loss", "dv_bound", "ema_log_mean_exp", "forget_objective", "group_counts",
+        "group_index", "group_weights", "log_mean_exp",
     ),
     "ledger": ("Ledger", "LedgerEntry"),
     "methods": ("available_methods", "register_method", "resolve_run"),
+    "methods.retrain": ("reinitialize",),
     "evaluation": ("Report", "evaluate"),
+    "guard": ("GuardOutcome",),
     "original": ("load_original", "load_weights", "save_weights"),
     "runtime": ("LocalRuntime", "Runtime"),
     "sampling": ("GroupReweightSampler", "ResampledView"),

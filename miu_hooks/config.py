@@ -26,13 +26,22 @@ from typing import Any, Literal
 
 from miu_hooks.config_base import BaseConfig, setting
 
-__all__ = ["L1SparseConfig", "MIUConfig", "SCRUBConfig", "SalUnConfig", "TrainConfig"]
+__all__ = [
+    "L1SparseConfig",
+    "MIUConfig",
+    "NegGradConfig",
+    "RetrainConfig",
+    "SCRUBConfig",
+    "SalUnConfig",
+    "TrainConfig",
+]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "constant"]
 Optimizer = Literal["sgd", "adamw"]
 FeatureCache = Literal["auto", "on", "off"]
 Clip = Literal["norm", "adaptive"]
+ForgetObjective = Literal["floor", "smile", "dv"]
 
 
 def _forget_epochs(what: str) -> Any:
@@ -75,8 +84,9 @@ class TrainConfig(BaseConfig):
         "cosine", "LR schedule: cosine (T_max = epochs, stepped per epoch) or constant."
     )
     max_grad_norm: float | None = setting(
-        None,
-        "Clip the model's global gradient norm in every step (None: no clipping).",
+        1.0,
+        "Clip the model's global gradient norm in every step, as the HF Trainer does "
+        "(None: no clipping).",
         low=0,
         low_open=True,
     )
@@ -99,6 +109,21 @@ class TrainConfig(BaseConfig):
     id_key: str = setting("id", "Sample-id key of mapping items (dropped before the forward).")
     num_sensitive: int = setting(
         2, "S, values of the sensitive attribute (groups are s + y*S); for metrics.", low=1
+    )
+    guard: bool = setting(
+        True,
+        "Collapse guard: after each epoch, compare held-out accuracy with the original's; "
+        "past guard_threshold, restore the last good epoch, stop and warn.",
+    )
+    guard_threshold: float = setting(
+        10.0, "Largest allowed drop of held-out accuracy below the original's, in points.",
+        low=0,
+    )  # fmt: skip
+    guard_samples: int = setting(
+        512,
+        "Size of the guard's held-out slice: of val when given, else drawn from D_r (at most "
+        "a tenth of each group, stratified, seeded) and kept out of training.",
+        low=1,
     )
 
 
@@ -123,6 +148,16 @@ class MIUConfig(TrainConfig):
         True, "REWEIGHT retain sampling (MIU's default; False is the paper's ablation)."
     )
     forget_epochs: int = _forget_epochs("forget pass")
+    forget_objective: ForgetObjective = setting(
+        "floor",
+        "Forget-step loss: floor, max(0, Î_u) (an estimate below zero carries no "
+        "information); smile, SMILE's clipped estimate, floored; dv, Î_u as is (the "
+        "paper's, unbounded below).",
+    )
+    smile_tau: float = setting(
+        5.0, "τ, the bound of the marginal scores with forget_objective='smile'.", low=0,
+        low_open=True,
+    )  # fmt: skip
     mi_weight: float = setting(
         1.0, "λ, weight of the squared MI calibration term on retain batches.", low=0
     )
@@ -167,6 +202,46 @@ class MIUConfig(TrainConfig):
         "shared",
         "shared: T_u and T_o start from the same weights (equal estimates while the "
         "features are the original's); independent: drawn separately, as the reference.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrainConfig(TrainConfig):
+    """Settings of Retrain: the loop of :class:`TrainConfig` from re-initialised weights.
+
+    Retrain re-initialises the model (seeded by ``seed``) before training on D_r:
+    ``reset_parameters()`` of every submodule that has one, or the model's own
+    initialisation for Hugging Face models. ``reinit=False`` trains the weights
+    given instead (e.g. the original model's own initial weights, as the
+    benchmark does, docs/method.md §1).
+
+    Example:
+        >>> RetrainConfig().reinit, RetrainConfig(reinit=False).reinit
+        (True, False)
+    """
+
+    reinit: bool = setting(
+        True, "Re-initialise the model (seeded) before training; False trains the weights given."
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class NegGradConfig(TrainConfig):
+    """Settings of NegGrad: the loop of :class:`TrainConfig` with a smaller learning rate.
+
+    Gradient ascent on the forget set is unbounded: its default learning rate is
+    a tenth of the other methods' (docs/method.md §10).
+
+    Example:
+        >>> NegGradConfig().lr
+        0.001
+    """
+
+    lr: float = setting(
+        0.001,
+        "Learning rate of the model optimiser (a tenth of the others': the ascent is unbounded).",
+        low=0,
+        low_open=True,
     )
 
 

@@ -28,7 +28,12 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.data import Batch, forward_logits, split_batch
 from miu_hooks.errors import ConfigError, ConfigTypeError, NonFiniteLossError
 from miu_hooks.estimators import MIEstimator
-from miu_hooks.functional import calibration_loss, check_group_range, checked_cross_entropy
+from miu_hooks.functional import (
+    calibration_loss,
+    check_group_range,
+    checked_cross_entropy,
+    forget_objective,
+)
 from miu_hooks.original import load_original
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
@@ -324,11 +329,25 @@ class MIUHandle:
         self._log("miu/tune_mi_original", mi_o)
 
     def forget_loss(self, z_model: Tensor, groups: Tensor) -> Tensor:
-        """L_f = Î_u(z_u, g) on a forget batch (critic fixed)."""
-        mi_u, _ = self.mi_pair(z_model, None, groups)
+        """L_f on a forget batch (critic fixed): Î_u floored at zero by default.
+
+        ``config.forget_objective`` picks the objective
+        (:func:`~miu_hooks.functional.forget_objective`; docs/method.md §3.2):
+        ``"floor"`` max(0, Î_u), ``"smile"`` SMILE's clipped estimate floored at zero,
+        ``"dv"`` Î_u itself (the paper's, unbounded below). ``miu/forget_mi`` logs Î_u.
+        """
+        rt = self.runtime
+        z = rt.gather(z_model)
+        groups = rt.gather(groups).long().reshape(-1)
+        check_group_range(groups, self.num_groups)
+        crit_u, _ = self._critics(z)
+        marginal = self._marginal(z.shape[0], z.device)
+        joint, marg = crit_u.scores_pair(z.float(), groups, marginal, check_groups=False)
+        mi_u = crit_u.bound(joint, marg)
         self.check_finite(mi_u, "forget", "I_u")
         self._log("miu/forget_mi", mi_u)
-        return mi_u
+        cfg = self.config
+        return forget_objective(joint, marg, mi_u, cfg.forget_objective, cfg.smile_tau)
 
     def retain_penalty(self, z_model: Tensor, batch: Batch) -> Tensor:
         """λ·(Î_u − sg Î_o)² on a retain batch, both with the same marginal groups."""

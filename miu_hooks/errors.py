@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "CollapseWarning",
     "ConfigError",
     "ConfigTypeError",
     "DataError",
@@ -89,3 +90,10 @@ class LedgerError(MIUError, ValueError):
 
 class OriginalMismatchError(LedgerError):
     """A file given as the ledger's original model has another sha256."""
+
+
+class CollapseWarning(UserWarning):
+    """The collapse guard stopped a run: held-out accuracy fell past its threshold.
+
+    The message gives the accuracies, the threshold and which weights were restored.
+    """

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miu_hooks.errors import EmptyGroupError, GroupRangeError
+from miu_hooks.errors import ConfigError, EmptyGroupError, GroupRangeError
 
 __all__ = [
     "calibration_loss",
@@ -21,6 +21,7 @@ __all__ = [
     "checked_cross_entropy",
     "dv_bound",
     "ema_log_mean_exp",
+    "forget_objective",
     "group_counts",
     "group_index",
     "group_weights",
@@ -223,6 +224,53 @@ def dv_bound(joint_scores: Tensor, marginal_scores: Tensor) -> Tensor:
         1.0
     """
     return joint_scores.float().mean() - log_mean_exp(marginal_scores)
+
+
+def forget_objective(
+    joint_scores: Tensor,
+    marginal_scores: Tensor,
+    mi: Tensor,
+    kind: str = "floor",
+    tau: float = 5.0,
+) -> Tensor:
+    r"""MIU's forget-step loss on a forget batch, from the critic's scores and estimate.
+
+    * ``"floor"``: :math:`\max(0, \hat I)`. The DV estimate is a lower bound on a
+      non-negative quantity, so a value below zero carries no information about the
+      group; the floor stops rewarding features pushed past "no information"
+      (minimising :math:`\hat I` itself is unbounded below with the critic fixed).
+    * ``"smile"``: the SMILE estimate (Song & Ermon, 2020), the joint mean minus the
+      log-mean-exp of the marginal scores clipped to :math:`[-\tau, \tau]`, also
+      floored at zero.
+    * ``"dv"``: :math:`\hat I` as is (the paper's objective; unbounded below).
+
+    Args:
+        joint_scores: FloatTensor[B], T(z_i, g_i).
+        marginal_scores: FloatTensor[B], T(z_i, g̃_i).
+        mi: The critic's DV estimate of the batch (with MINE's corrected gradient);
+            used by ``"floor"`` and ``"dv"``.
+        kind: ``"floor"``, ``"smile"`` or ``"dv"``.
+        tau: SMILE's clipping bound τ.
+
+    Returns:
+        A differentiable scalar.
+
+    Example:
+        >>> j, m = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])
+        >>> mi = dv_bound(j, m)
+        >>> float(forget_objective(j, m, mi)), float(forget_objective(j, m, -mi))
+        (2.0, 0.0)
+        >>> float(forget_objective(j, m, -mi, kind="dv"))
+        -2.0
+    """
+    if kind == "dv":
+        return mi
+    if kind == "floor":
+        return F.relu(mi)
+    if kind == "smile":
+        clipped = marginal_scores.float().clamp(-tau, tau)
+        return F.relu(joint_scores.float().mean() - log_mean_exp(clipped))
+    raise ConfigError(f"unknown forget objective {kind!r}; choose floor, smile or dv")
 
 
 def calibration_loss(mi_model: Tensor, mi_original: Tensor) -> Tensor:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RANDOM_LABELS_STREAM", "epoch_generator", "epoch_seed"]
+__all__ = ["GUARD_STREAM", "RANDOM_LABELS_STREAM", "REINIT_STREAM", "epoch_generator", "epoch_seed"]
 
 _MAX_SEED = 2**63 - 1
 _STREAM_STRIDE = 2_147_483_647  # a prime; stream k never meets stream 0 below 2**31 epochs
 
 #: Stream of the random labels of RL and SalUn (independent of the loaders' order).
 RANDOM_LABELS_STREAM = 1
+#: Stream of the collapse guard's held-out slice.
+GUARD_STREAM = 2
+#: Stream of Retrain's re-initialisation.
+REINIT_STREAM = 3
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:

@@ -11,12 +11,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from miu_hooks.atomic import atomic_save_safetensors
 from miu_hooks.config import TrainConfig
 from miu_hooks.engine import OriginalSpec, resolve_original
-from miu_hooks.errors import CheckpointError
+from miu_hooks.errors import CheckpointError, DataError, NonFiniteLossError
+from miu_hooks.guard import (
+    MIN_HOLDOUT,
+    CollapseGuard,
+    GuardOutcome,
+    holdout_indices,
+    slice_of,
+)
 from miu_hooks.methods import RunContext
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler, indexed
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
@@ -31,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "unlearn_state.safetensors"
 EpochCallback = Callable[[int, dict[str, float]], None]
+GuardCallback = Callable[[GuardOutcome], None]
 
 
 def check_split(
@@ -75,6 +83,50 @@ def build_scheduler(
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def _guard_split(
+    retain: Dataset,
+    retain_groups: Tensor,
+    val: Dataset | None,
+    cfg: TrainConfig,
+    final_only: bool,
+) -> tuple[Dataset, Tensor, CollapseGuard | None]:
+    """Return ``(retain used for training, its groups, the guard)`` for a run.
+
+    With ``val`` the guard reads a seeded slice of it; without, a seeded,
+    group-stratified slice of the retain set is held out of training.
+    """
+    if not cfg.guard:
+        return retain, retain_groups, None
+    keys = {"input_key": cfg.input_key, "label_key": cfg.label_key, "group_key": cfg.group_key}
+    if val is not None:
+        n_val = len(val)  # type: ignore[arg-type]
+        if n_val == 0:
+            raise DataError("val is empty: pass a validation set with samples, or val=None")
+        held: Dataset = Subset(val, slice_of(n_val, cfg.guard_samples, cfg.seed).tolist())
+        guard = CollapseGuard(
+            held, threshold=cfg.guard_threshold, source="val", keys=keys, final_only=final_only
+        )
+        return retain, retain_groups, guard
+    keep, out = holdout_indices(retain_groups, cfg.guard_samples, cfg.seed)
+    if out.numel() < MIN_HOLDOUT:
+        logger.warning(
+            "collapse guard off: a tenth of the retain set (%d samples) is fewer than %d, too "
+            "few to measure a %g-point drop; pass val= to guard this run",
+            out.numel(),
+            MIN_HOLDOUT,
+            cfg.guard_threshold,
+        )
+        return retain, retain_groups, None
+    guard = CollapseGuard(
+        Subset(retain, out.tolist()),
+        threshold=cfg.guard_threshold,
+        source="retain",
+        keys=keys,
+        final_only=final_only,
+    )
+    return Subset(retain, keep.tolist()), retain_groups[keep], guard
 
 
 def _loaders(
@@ -177,9 +229,11 @@ def unlearn(
     feature_module: str | nn.Module | None = None,
     num_groups: int | None = None,
     method: str | None = None,
+    val: Dataset | None = None,
     state_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_epoch_end: EpochCallback | None = None,
+    on_guard: GuardCallback | None = None,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
     runtime: Runtime | None = None,
 ) -> nn.Module:
@@ -195,6 +249,21 @@ def unlearn(
     Every problem :func:`~miu_hooks.validation.validate` finds is checked
     before any work: the first is raised (its own type), the others are named
     in its message.
+
+    Collapse guard (``config.guard``, on by default; docs/method.md §10): after
+    each epoch the model's accuracy on a held-out slice (``val`` when given,
+    else a seeded slice of ``retain`` kept out of training) is compared with
+    the input model's. A drop of more than ``config.guard_threshold`` points
+    restores the weights of the last epoch that passed (the input model before
+    the first), stops the run and issues a
+    :class:`~miu_hooks.errors.CollapseWarning` with the numbers; ``on_guard``
+    receives the :class:`~miu_hooks.guard.GuardOutcome` at the end of every
+    guarded run. A :class:`~miu_hooks.errors.NonFiniteLossError` in a guarded
+    run also restores the last good epoch before it is raised. Retrain from
+    re-initialised weights has no earlier state worth restoring: its final
+    model is checked and a collapse is warned about and recorded. The guard
+    costs one evaluation of the slice per epoch and one copy of the weights in
+    CPU memory.
 
     Settings: each method takes its config class (``MIUConfig`` for ``miu``,
     ``SalUnConfig`` for ``salun``..., ``TrainConfig`` for ``finetune``,
@@ -219,9 +288,14 @@ def unlearn(
         method: A registered method (``miu``, ``finetune``, ``retrain``, ... and
             their ``_reweight`` variants; see ``available_methods()``), or
             ``None``: the method of the config's class.
+        val: Held-out data (items like ``retain``'s) for the collapse guard;
+            ``None`` holds a slice of ``retain`` out of training instead.
         state_dir: Folder for a resumable per-epoch state file.
         resume: Continue from ``state_dir``'s state when it exists.
-        on_epoch_end: Called as ``fn(epoch, logs)`` after each epoch.
+        on_epoch_end: Called as ``fn(epoch, logs)`` after each epoch (with the
+            guard on, ``logs`` holds ``guard/accuracy`` and ``guard/original``).
+        on_guard: Called once with the :class:`~miu_hooks.guard.GuardOutcome`
+            when a guarded run ends (also when the guard fired).
         progress: Wraps iterables with a progress bar, ``fn(iterable, desc)``.
         runtime: Execution runtime (default: device and precision of the config).
 
@@ -236,7 +310,9 @@ def unlearn(
         GroupRangeError: Group ids or labels are out of range.
         FeatureModuleNotFoundError: The classification head cannot be found.
         NoClassifierOutputError: The model output carries no logits.
-        NonFiniteLossError: A loss or MI estimate became NaN/Inf (weights stay finite).
+        NonFiniteLossError: A loss or MI estimate became NaN/Inf (weights stay finite;
+            with the guard on, the last good epoch's weights are restored).
+        DataError: ``val`` is empty.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -273,7 +349,16 @@ def unlearn(
     if method_cls.needs_original:
         frozen = resolve_original(model, original).to(rt.device)
 
+    # REWEIGHT keeps D's mixture: its weights count the whole D even when the guard
+    # holds a slice of D_r out of training.
+    full_train_groups, forget_groups = train_groups, train_groups[retain_groups.numel() :]
+    retain, retain_groups, guard = _guard_split(
+        retain, retain_groups, val, cfg, final_only=method_cls.starts_fresh(cfg)
+    )
+    if guard is not None:
+        guard.start(model)
     train: ConcatDataset[Any] = ConcatDataset([retain, forget])
+    train_groups = torch.cat([retain_groups, forget_groups])
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +367,7 @@ def unlearn(
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         retain_loader, forget_loader, tune_loader = _loaders(
-            retain, forget, train, retain_groups, train_groups, num_groups, cfg
+            retain, forget, train, retain_groups, full_train_groups, num_groups, cfg
         )
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
@@ -316,22 +401,40 @@ def unlearn(
                 runner.load_state_dict(unprefixed(tensors, "method."))
                 _restore_schedule(scheduler, optimizer, schedule)
                 start = done + 1
+                if guard is not None:
+                    guard.set_good(model, done)
                 logger.info("resuming %s after epoch %d from %s", name, done, state_path)
             for epoch in range(start, cfg.epochs):
                 ctx.epoch = epoch
                 for loader in (retain_loader, forget_loader):
                     loader.set_epoch(epoch)
                 torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout etc., per epoch
-                runner.run_epoch(ctx, epoch)
+                try:
+                    runner.run_epoch(ctx, epoch)
+                except NonFiniteLossError as exc:
+                    if guard is None or guard.outcome.final_only:
+                        raise
+                    restored = guard.restore(model)
+                    what = "the input model" if restored == -1 else f"epoch {restored}'s weights"
+                    raise NonFiniteLossError(f"{exc} ({what} restored by the guard)") from exc
                 scheduler.step()
-                if state_path is not None:
+                passed = guard is None or guard.check(model, epoch, final=epoch == cfg.epochs - 1)
+                if guard is not None and guard.outcome.accuracies:
+                    ctx.logs["guard/accuracy"] = guard.outcome.accuracies[-1]
+                    ctx.logs["guard/original"] = guard.outcome.original_accuracy
+                stop = not passed and not guard.outcome.final_only  # type: ignore[union-attr]
+                if state_path is not None and not stop:
                     _save_state(
                         state_path, model, optimizer, scheduler, runner.state_dict(), epoch, meta
                     )
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, dict(ctx.logs))
                 logger.debug("epoch %d done: %s", epoch, json.dumps(ctx.logs))
+                if stop:
+                    break
         finally:
             runner.teardown(ctx)
             model.train(was_training)
+            if guard is not None and on_guard is not None:
+                on_guard(guard.outcome)
     return model

@@ -254,4 +254,13 @@ def resolve_run(method: str | None = None, config: TrainConfig | None = None) ->
 
 
 # Registration happens on import of each method module.
-from miu_hooks.methods import finetune, l1_sparse, miu, neggrad, random_labels, salun, scrub  # noqa: E402,F401
+from miu_hooks.methods import (  # noqa: E402,F401
+    finetune,
+    l1_sparse,
+    miu,
+    neggrad,
+    random_labels,
+    retrain,
+    salun,
+    scrub,
+)

@@ -214,6 +214,11 @@ class UnlearningMethod:
     needs_features: ClassVar[bool] = False
     reweight_rule: ClassVar[ReweightRule] = "by_name"
 
+    @classmethod
+    def starts_fresh(cls, config: TrainConfig) -> bool:
+        """Whether a run re-initialises the model (then the guard only checks the end)."""
+        return False
+
     def setup(self, ctx: RunContext) -> None:
         """Prepare per-run state (hooks, masks, caches)."""
 

@@ -1,4 +1,4 @@
-"""Fine-tuning on the retain set, and Retrain (the same loop from a fresh model)."""
+"""Fine-tuning on the retain set (Retrain, in ``retrain.py``, runs the same loop)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.methods import register_method
 from miu_hooks.methods.base import RunContext, UnlearningMethod
 
-__all__ = ["FineTune", "Retrain"]
+__all__ = ["FineTune"]
 
 
 @register_method("finetune")
@@ -15,12 +15,3 @@ class FineTune(UnlearningMethod):
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         self.retain_epoch(ctx, lambda logits, batch: checked_cross_entropy(logits, batch.labels))
-
-
-@register_method("retrain")
-class Retrain(FineTune):
-    """Retrain: train the model passed in (a fresh initialisation) on D_r only.
-
-    Exact unlearning; ``retrain_reweight`` is Retrain+REWEIGHT, the paper's
-    group-robust exact unlearning and our reference for Avg. Gap.
-    """

@@ -7,15 +7,17 @@ r"""NegGrad (gradient ascent on the forget set; docs/method.md §6).
 
 There is no retain pass, so REWEIGHT does not apply: there is no
 ``neggrad_reweight``, and ``reweight=True`` with ``neggrad`` is refused.
-Settings: :class:`~miu_hooks.config.TrainConfig`. The objective is unbounded
-below; ``max_grad_norm`` bounds each step, and a non-finite loss raises
-:class:`~miu_hooks.errors.NonFiniteLossError` with the weights untouched.
+Settings: :class:`~miu_hooks.config.NegGradConfig` (a tenth of the others' learning
+rate by default). The objective is unbounded below; ``max_grad_norm`` bounds each
+step, the collapse guard stops a run whose held-out accuracy collapses, and a
+non-finite loss raises :class:`~miu_hooks.errors.NonFiniteLossError`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from miu_hooks.config import NegGradConfig
 from miu_hooks.data import Batch
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.methods import register_method
@@ -42,7 +44,7 @@ def negative_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return -checked_cross_entropy(logits, labels)
 
 
-@register_method("neggrad")
+@register_method("neggrad", config=NegGradConfig)
 class NegGrad(UnlearningMethod):
     r"""NegGrad / GA: each epoch, one pass over D_f minimising :math:`-\mathrm{CE}`.
 

@@ -16,6 +16,8 @@ from miu_hooks import (
     ConfigError,
     L1SparseConfig,
     ModelError,
+    NegGradConfig,
+    RetrainConfig,
     SalUnConfig,
     SCRUBConfig,
     TrainConfig,
@@ -81,8 +83,10 @@ def _cfg(cls: type[TrainConfig] = TrainConfig, **kw: Any) -> Any:
 
 
 def _sgd_cfg(cls: type[TrainConfig] = TrainConfig, **kw: Any) -> Any:
-    """Plain full-batch gradient steps: no momentum, no decay, constant lr."""
-    base: dict[str, Any] = dict(momentum=0.0, weight_decay=0.0, scheduler="constant")
+    """Plain full-batch gradient steps: no momentum, no decay, constant lr, no clipping."""
+    base: dict[str, Any] = dict(
+        momentum=0.0, weight_decay=0.0, scheduler="constant", max_grad_norm=None
+    )
     return _cfg(cls, **{**base, "batch_size": 512, **kw})
 
 
@@ -129,9 +133,9 @@ def test_registry_has_every_baseline_and_its_reweight_variant() -> None:
     assert resolve_run("scrub").method_class is SCRUB and SCRUB.needs_original
     assert resolve_run("l1_sparse").method_class is L1Sparse
     assert resolve_run("neggrad").method_class is NegGrad
-    assert {m: config_class(m) for m in ("l1_sparse", "salun", "scrub", "neggrad")} == {
+    assert {m: config_class(m) for m in ("l1_sparse", "salun", "scrub", "neggrad", "retrain")} == {
         "l1_sparse": L1SparseConfig, "salun": SalUnConfig, "scrub": SCRUBConfig,
-        "neggrad": TrainConfig,
+        "neggrad": NegGradConfig, "retrain": RetrainConfig,
     }  # fmt: skip
 
 

@@ -10,6 +10,8 @@ from miu_hooks import (
     ConfigError,
     L1SparseConfig,
     MIUConfig,
+    NegGradConfig,
+    RetrainConfig,
     SalUnConfig,
     SCRUBConfig,
     TrainConfig,
@@ -20,7 +22,10 @@ from miu_hooks.errors import ConfigTypeError, MIUError
 
 pytestmark = pytest.mark.unit
 
-ALL = (TrainConfig, MIUConfig, L1SparseConfig, SalUnConfig, SCRUBConfig)
+ALL = (
+    TrainConfig, MIUConfig, L1SparseConfig, SalUnConfig, SCRUBConfig, NegGradConfig,
+    RetrainConfig,
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -58,7 +63,8 @@ def test_defaults_match_issue_contract():
     cfg = MIUConfig()
     assert (cfg.epochs, cfg.forget_epochs, cfg.momentum, cfg.scheduler) == (10, 5, 0.9, "cosine")
     assert (cfg.mine_hidden, cfg.mine_warmup_iters, cfg.mine_iters, cfg.ema) == (512, 100, 10, 0.01)
-    assert cfg.reweight and cfg.calibrate and cfg.max_grad_norm is None
+    assert cfg.reweight and cfg.calibrate and cfg.max_grad_norm == 1.0  # safe defaults
+    assert (cfg.forget_objective, cfg.guard, cfg.guard_threshold) == ("floor", True, 10.0)
     assert (cfg.precision, cfg.device, cfg.seed) == ("fp32", "auto", 0)
     assert TrainConfig().reweight is None  # follows the method name
 
@@ -66,11 +72,12 @@ def test_defaults_match_issue_contract():
 def test_loop_and_miu_settings_are_apart():
     loop = {f.name for f in config_fields(TrainConfig)}
     miu = {f.name for f in config_fields(MIUConfig)} - loop
-    assert {"epochs", "lr", "batch_size", "seed", "reweight", "group_key", "num_sensitive"} <= loop
+    assert {"epochs", "lr", "batch_size", "seed", "reweight", "group_key", "num_sensitive",
+            "guard", "guard_threshold", "guard_samples"} <= loop  # fmt: skip
     assert miu == {
-        "forget_epochs", "mi_weight", "mine_lr", "mine_hidden", "mine_warmup_iters",
-        "mine_iters", "ema", "calibrate", "clip", "feature_cache", "original_mode",
-        "tune_original_on", "restore_batchnorm", "critic_init",
+        "forget_epochs", "forget_objective", "smile_tau", "mi_weight", "mine_lr", "mine_hidden",
+        "mine_warmup_iters", "mine_iters", "ema", "calibrate", "clip", "feature_cache",
+        "original_mode", "tune_original_on", "restore_batchnorm", "critic_init",
     }  # fmt: skip
     assert MIUConfig(epochs=3, mi_weight=10.0).epochs == 3  # flat, as before
 
@@ -132,9 +139,9 @@ def test_per_method_settings_are_checked(cls, field, bad):
 
 def test_config_fields_lists_type_default_choices_and_help():
     fields = {f.name: f for f in config_fields(MIUConfig)}
-    assert len(fields) == 32
+    assert len(fields) == 37
     f = fields["max_grad_norm"]
-    assert (f.type, f.optional, f.default, f.choices) == (float, True, None, None)
+    assert (f.type, f.optional, f.default, f.choices) == (float, True, 1.0, None)
     assert f.constraint == "> 0" and f.owner == "TrainConfig" and "clip" in f.help.lower()
     f = fields["critic_init"]
     assert (f.type, f.choices, f.default, f.owner) == (str, ("shared", "independent"), "shared",

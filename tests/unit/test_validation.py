@@ -73,8 +73,9 @@ def test_unlearn_raises_the_first_problem_with_the_others_named():
     model = toy_net()
     before = _params(model)
     with pytest.raises(
-        ConfigError, match=r"runs without REWEIGHT.*\(and 2 more problems: GroupRangeError: "
-        r"group id 7 .*; EmptyGroupError: group 1 has"
+        ConfigError,
+        match=r"runs without REWEIGHT.*\(and 2 more problems: GroupRangeError: "
+        r"group id 7 .*; EmptyGroupError: group 1 has",
     ) as info:
         unlearn(model, retain, forget, config=TrainConfig(reweight=True), method="finetune",
                 num_groups=4)  # fmt: skip
