@@ -125,7 +125,7 @@ class _Group(click.Group):
 _CONFIG_FIELDS = (
     "epochs", "forget_epochs", "lr", "mi_weight", "batch_size", "precision", "device", "seed",
     "mine_lr", "weight_decay", "optimizer", "scheduler", "max_grad_norm", "clip", "reweight",
-    "num_sensitive",
+    "num_sensitive", "guard", "guard_threshold",
 )  # fmt: skip
 
 
@@ -143,6 +143,8 @@ def _config(path: str | None, opts: dict[str, Any]) -> Any:
         if not isinstance(base, dict):
             raise click.BadParameter("must hold a JSON object", param_hint="--config")
     base.update({f: opts[f] for f in _CONFIG_FIELDS if opts.get(f) is not None})
+    if base.get("max_grad_norm") == 0:  # --max-grad-norm 0: no clipping
+        base["max_grad_norm"] = None
     try:
         method = opts["method"]
         return resolve_run(method, config_class(method).from_dict(base)).config
@@ -211,12 +213,13 @@ def _print_result(report: dict[str, Any], as_json: bool, quiet: bool) -> None:
         return
     if quiet:
         return
-    from miu_hooks.cli.report import per_group_markdown
+    from miu_hooks.cli.report import guard_summary, per_group_markdown
 
     click.echo(f"Per-group accuracy ({report['evaluated_on']} set):")
     click.echo(per_group_markdown(report["models"], report["groups"]["names"]))
     for ref, gaps in report.get("gaps", {}).get("unlearned", {}).items():
         click.echo(f"Avg. Gap {ref}: {gaps['avg_gap']:.2f}   ToW: {gaps['tow']:.2f}")
+    click.echo(guard_summary(report.get("guard")))
     click.echo(f"Report: {Path(report['output']) / 'report.md'}")
 
 
@@ -241,7 +244,12 @@ _PATH = click.Path(dir_okay=True, path_type=str)
 @_opt("-o", "--out", type=_PATH, show_default=False, help="Output folder [./<model>-<method>].")
 @_opt("--arch", help="package.module:factory (or file.py:factory) building the model.")
 @_opt("--test", type=_PATH, help="Test set: TA, EO, GA, per-group accuracy, MIA.")
-@_opt("--val", type=_PATH, help="Held-out set for MIA (default: the test set).")
+@_opt(
+    "--val",
+    type=_PATH,
+    help="Held-out set for MIA (default: the test set) and the collapse guard (default: a "
+    "slice of the retain set kept out of training).",
+)
 @_opt("--reference", multiple=True, help="[NAME=]PATH of a retrained model (Gap, ToW).")
 @_opt("--original", type=_PATH, help="Where the ledger's original model lies now (moved).")
 @_opt("--method", default="miu", help="Method; `miu-unlearn methods` lists them.")
@@ -260,7 +268,14 @@ _PATH = click.Path(dir_okay=True, path_type=str)
 @_opt("--weight-decay", type=float, help="Weight decay.")
 @_opt("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Model optimiser.")
 @_opt("--scheduler", type=click.Choice(["cosine", "constant"]), help="LR schedule.")
-@_opt("--max-grad-norm", type=float, help="Clip the gradient norm (default: off).")
+@_opt("--max-grad-norm", type=float, help="Clip the gradient norm [1.0]; 0 turns clipping off.")
+@_opt(
+    "--guard/--no-guard",
+    default=None,
+    help="Collapse guard: stop and restore the last good epoch when held-out accuracy falls "
+    "more than --guard-threshold points below the original's [on].",
+)
+@_opt("--guard-threshold", type=float, help="Largest allowed accuracy drop, in points [10].")
 @_opt(
     "--clip",
     type=click.Choice(["norm", "adaptive"]),

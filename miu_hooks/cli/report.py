@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "Console",
+    "guard_summary",
     "per_group_markdown",
     "plot_groups",
     "render_markdown",
@@ -147,6 +148,29 @@ def _ledger_markdown(report: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def guard_summary(guard: Mapping[str, Any] | None) -> str:
+    """One line on the collapse guard of a run (``report.json``'s ``guard``).
+
+    Example:
+        >>> guard_summary(None)
+        'Collapse guard: off'
+        >>> guard_summary({"enabled": True, "fired": False, "source": "val", "samples": 50,
+        ...                "original_accuracy": 90.0, "accuracies": [89.0, 88.5],
+        ...                "threshold": 10.0})
+        'Collapse guard: passed (val, 50 samples: original 90.0, last epoch 88.5, threshold 10)'
+    """
+    if not guard or not guard.get("enabled"):
+        return "Collapse guard: off"
+    if guard.get("fired"):
+        return f"Collapse guard: FIRED: {guard['message']}"
+    accs = guard.get("accuracies") or []
+    last = f", last epoch {accs[-1]:.1f}" if accs else ""
+    return (
+        f"Collapse guard: passed ({guard['source']}, {guard['samples']} samples: original "
+        f"{guard['original_accuracy']:.1f}{last}, threshold {guard['threshold']:g})"
+    )
+
+
 def render_markdown(report: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
     """Return ``report.md``: summary, metrics, per-group accuracy before/after, counts."""
     from miu_hooks.evaluation import format_table
@@ -165,6 +189,7 @@ def render_markdown(report: Mapping[str, Any], notes: Sequence[str] = ()) -> str
         f"- data: `{inputs['data']}`; accuracy per group on the {on} set",
         f"- EO and GA refer to group(s) {', '.join(map(str, report['forget_groups']))}",
         f"- miu_hooks {report['miu_hooks_version']}, wall time {report['wall_s']:.1f} s",
+        f"- {guard_summary(report.get('guard'))}",
         "",
         "## Metrics (x100)",
         "",

@@ -36,12 +36,13 @@ from torch.utils.data import Dataset, Subset
 from miu_hooks.atomic import atomic_write_folder, atomic_write_text
 from miu_hooks.cli.chain import FORGOTTEN_FILE, LEDGER_FILE, Request, ledger_report, plan_request
 from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
-from miu_hooks.cli.load import build_model, image_settings, load_dataset, load_model
+from miu_hooks.cli.load import image_settings, load_dataset, load_model
 from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
 from miu_hooks.config import TrainConfig
 from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import CheckpointError
 from miu_hooks.evaluation import evaluate, predict
+from miu_hooks.guard import GuardOutcome
 from miu_hooks.ledger import Ledger
 from miu_hooks.methods import resolve_run
 from miu_hooks.metrics import accuracy, avg_gap, per_group_accuracy, tow
@@ -286,7 +287,8 @@ def _execute(
         for i, (name, ref) in enumerate(refs.items()):
             models[name] = _cached(work / f"reference-{i}.json", measure(ref))
         next(phases)
-        net = build_model(prep.model, seed=config.seed) if method.startswith("retrain") else model
+        net = model  # retrain* re-initialises it (seeded) unless reinit=False
+        guard: list[GuardOutcome] = []
         with console.counter(config.epochs, f"{method} epochs") as tick:
             unlearn(
                 net,
@@ -297,14 +299,19 @@ def _execute(
                 num_groups=plan.num_groups,
                 feature_module=feature_module,
                 original=original,
+                val=val,
                 state_dir=work,
                 resume=True,
                 on_epoch_end=lambda *_: tick(),
+                on_guard=guard.append,
                 progress=console.progress,
             )
+        if guard and guard[0].fired:
+            console.log(f"warning: {guard[0].message}")
         next(phases)
         models["unlearned"] = measure(net)()
         report = _report(prep, fingerprint, config, method, models, list(refs), start_time)
+        report["guard"] = guard[0].to_dict() if guard else {"enabled": False}
         next(phases)
         notes: list[str] = []
         meta = {
