@@ -1,15 +1,17 @@
-"""Colored-digits benchmark: every method with and without REWEIGHT against one reference.
+"""Colored digits and Colored Fashion-MNIST: every method under two protocols, one reference.
 
 One command (from the repository root, package installed)::
 
     python benchmarks/run.py            # full run, writes benchmarks/RESULTS.md (+ results.json)
-    python benchmarks/run.py --quick    # CI smoke run: one seed, r = 0.5, few epochs
+    python benchmarks/run.py --jobs 2   # the same, two worker processes
+    python benchmarks/run.py --quick    # CI smoke run: one seed, r = 0.5, tiny grids
 
-Every method starts from the same original model and sees the same split; Avg. Gap
-and ToW are computed against Retrain+REWEIGHT (headline) and against Retrain
-(METHOD.md §8.4), both measured in the same run. Wall times are per ``unlearn``
-call; the MIU retain-step overhead is timed in the same process by interleaving
-plain cross-entropy steps and MIU steps on the same batches (cache on and off).
+Every method starts from the same Original and sees the same split; Avg. Gap and ToW
+are computed against Retrain+REWEIGHT (headline) and against Retrain (docs/method.md
+§8.4), both measured in the same run. Two protocols (bench_protocol.py): library
+defaults, and a tuned one with the same budget for every method, selected on the
+validation set. Wall times are per ``unlearn`` call; the timing sections (MIU's
+retain-step overhead, whole runs on a conv net) run unless ``--no-timing``.
 """
 
 from __future__ import annotations
@@ -20,94 +22,40 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import math
 import os
 import platform
 import sys
+import tempfile
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from bench_models import convnet, mlp, resnet18, train_original
+from bench_protocol import run_unit
 from bench_report import render
 from bench_settings import (
     ABLATION_ROWS,
+    GRIDS,
     METHODS,
-    METRICS,
     QUICK,
-    REF,
-    REF2,
     Settings,
-    base_config,
+    default_config,
     fashion_available,
     load_data,
     train_config,
 )
-from bench_timing import PhaseTimer, step_overhead, whole_run
-from torch import nn
+from bench_timing import step_overhead, whole_run
 
 import miu_hooks
-from miu_hooks import resolve_run, unlearn
 from miu_hooks.atomic import atomic_write_text
-from miu_hooks.demo import ColoredSplits
-from miu_hooks.errors import DataError, NonFiniteLossError
-from miu_hooks.evaluation import evaluate
-from miu_hooks.metrics import avg_gap, tow
-from miu_hooks.splits import forget_split, subset
+from miu_hooks.errors import CollapseWarning
+from miu_hooks.original import save_weights
 
 logger = logging.getLogger("benchmark")
 HERE = Path(__file__).resolve().parent
-
-
-def run_cell(name: str, seed: int, ratio: float, original: nn.Module, init: nn.Module,
-             data: ColoredSplits, s: Settings) -> list[dict[str, Any]]:  # fmt: skip
-    """All methods on one (dataset, seed, r): metrics, timings and the split."""
-    retain_idx, forget_idx = forget_split(
-        data.train, forget_groups=(s.forget_group,), ratio=ratio, seed=seed
-    )
-    retain, forget = subset(data.train, retain_idx), subset(data.train, forget_idx)
-    common = dict(retain=retain, forget=forget, test=data.test, val=data.val, num_groups=4,
-                  num_sensitive=2, forget_groups=[s.forget_group])  # fmt: skip
-    orig_report = evaluate(original, **common)
-    rows = [dict(method="original", metrics=dict(orig_report), per_group=orig_report.per_group,
-                 wall_s=None)]  # fmt: skip
-    for row, method, changes in METHODS:
-        if row not in s.methods and row not in (REF, REF2):
-            continue
-        is_retrain = method.startswith("retrain")
-        model = copy.deepcopy(init if is_retrain else original)
-        base = train_config(s, seed) if is_retrain else base_config(s, seed, method)
-        cfg = resolve_run(method, base.replace(**changes)).config  # recorded as it runs
-        timer = PhaseTimer()
-        start, diverged = time.perf_counter(), None
-        try:
-            unlearn(model, retain, forget, config=cfg, method=method, num_groups=4,
-                    progress=timer)  # fmt: skip
-        except NonFiniteLossError as exc:  # e.g. NegGrad's unbounded ascent
-            diverged = str(exc)
-            logger.warning("%s seed=%d r=%.1f %s diverged: %s", name, seed, ratio, row, exc)
-        wall = time.perf_counter() - start
-        try:  # a diverged model is scored as it stands (its last finite weights)
-            report = evaluate(model, **common)
-            metrics, per_group = dict(report), report.per_group
-        except DataError as exc:  # non-finite losses: no metric is defined
-            logger.warning("%s %s cannot be evaluated: %s", name, row, exc)
-            metrics, per_group = {k: math.nan for k in METRICS}, {}
-        rows.append(dict(method=row, metrics=metrics, per_group=per_group, wall_s=wall,
-                         phases=dict(timer.seconds), steps=dict(timer.steps),
-                         config=cfg.to_dict(), diverged=diverged))  # fmt: skip
-        logger.info("%s seed=%d r=%.1f %-24s %.2fs GA=%.1f", name, seed, ratio, row, wall,
-                    metrics["GA"])  # fmt: skip
-    refs = {r["method"]: r["metrics"] for r in rows if r["method"] in (REF, REF2)}
-    for r in rows:
-        r.update(dataset=name, seed=seed, ratio=ratio,
-                 gap_rw=avg_gap(r["metrics"], refs[REF]), tow_rw=tow(r["metrics"], refs[REF]),
-                 gap_rt=avg_gap(r["metrics"], refs[REF2]), tow_rt=tow(r["metrics"], refs[REF2]),
-                 n_retain=len(retain), n_forget=len(forget),
-                 n_test_forget_group=orig_report.counts["test"][s.forget_group],
-                 forget_indices=forget_idx.tolist())  # fmt: skip
-    return rows
 
 
 def measure_overhead(s: Settings) -> dict[str, Any]:
@@ -123,9 +71,39 @@ def measure_overhead(s: Settings) -> dict[str, Any]:
     return overhead
 
 
+def train_originals(datasets: list[str], s: Settings, folder: Path) -> dict[str, dict[int, Path]]:
+    """Train the Original of every (data set, seed) once; return the weights' paths."""
+    out: dict[str, dict[int, Path]] = {}
+    for name in datasets:
+        for seed in s.seeds:
+            data, init = load_data(name, seed, s), mlp(seed, s)
+            start = time.perf_counter()
+            original = train_original(copy.deepcopy(init), data.train, train_config(s, seed))
+            path = save_weights(original, folder / f"original-{name}-{seed}.safetensors")
+            out.setdefault(name, {})[seed] = path
+            logger.info("%s seed=%d original trained in %.1fs", name, seed,
+                        time.perf_counter() - start)  # fmt: skip
+    return out
+
+
+def _unit(args: tuple[str, float, Settings, dict[int, Path]]) -> dict[str, Any]:
+    """A worker's job: both protocols on one (data set, r)."""
+    name, ratio, s, originals = args
+    torch.set_num_threads(s.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    _quiet()
+    return run_unit(name, ratio, s, originals)
+
+
+def _quiet() -> None:
+    """The guard's warnings are recorded in the rows; keep the log to the progress lines."""
+    logging.getLogger("miu_hooks").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=CollapseWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one seed, r = 0.5, few epochs (CI)")
+    p.add_argument("--quick", action="store_true", help="one seed, r = 0.5, tiny grids (CI)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument(
         "--json",
@@ -133,23 +111,31 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="raw results (default: results.json next to RESULTS.md, else --out's name with .json)",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes, one (data set, r) each")
     p.add_argument("--no-fashion", action="store_true", help="skip Colored Fashion-MNIST")
+    p.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=["default", "tuned"],
+        help="run only these protocols (default: both)",
+    )
     p.add_argument(
         "--ablation",
         action="store_true",
-        help="add MIU rows: without REWEIGHT, independent critics, λ = 10",
+        help="add MIU rows to the default protocol: without REWEIGHT, independent critics, "
+        "λ = 10, the unbounded DV objective (with and without clipping)",
     )
     p.add_argument(
         "--methods",
         nargs="+",
         metavar="ROW",
         choices=[row for row, _, _ in METHODS],
-        help="run only these rows of METHODS in bench_settings.py (Retrain and "
+        help="run only these rows of METHODS in bench_settings.py (the Original, Retrain and "
         "Retrain+REWEIGHT always run)",
     )
     p.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
-    p.add_argument("--ratios", type=float, nargs="+", help="override r (digits)")
+    p.add_argument("--ratios", type=float, nargs="+", help="override r (both data sets)")
     p.add_argument(
         "--no-timing",
         action="store_true",
@@ -162,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         raw = json.loads(args.from_json.read_text())
         fields = {k: tuple(v) if isinstance(v, list) else v
                   for k, v in raw["meta"]["setup"]["settings"].items()}  # fmt: skip
-        _write(args.out, render(raw["rows"], raw["overhead"], Settings(**fields), raw["meta"]))
+        _write(args.out, render(raw, Settings(**fields)))
         logger.info("re-rendered %s from %s", args.out, args.from_json)
         return 0
-    logging.getLogger("miu_hooks").setLevel(logging.WARNING)  # MIA winners etc. stay in the JSON
+    _quiet()
     s = dataclasses.replace(QUICK if args.quick else Settings(), threads=args.threads)
     if args.ablation:
         s = dataclasses.replace(s, methods=(*s.methods, *ABLATION_ROWS))
@@ -174,48 +160,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         s = dataclasses.replace(s, seeds=tuple(args.seeds))
     if args.ratios:
-        s = dataclasses.replace(s, ratios=tuple(args.ratios))
+        s = dataclasses.replace(s, ratios=tuple(args.ratios), fashion_ratios=tuple(args.ratios))
+    if args.protocols:
+        s = dataclasses.replace(s, protocols=tuple(args.protocols))
+    if "tuned" in s.protocols and s.tune_seed not in s.seeds:
+        s = dataclasses.replace(s, tune_seed=s.seeds[0])
     torch.set_num_threads(s.threads)
     use_fashion = fashion_available() and not args.no_fashion
     datasets = [d for d in s.datasets if d != "fashion" or use_fashion]
     start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for name in datasets:
-        ratios = s.fashion_ratios if name == "fashion" else s.ratios
-        for seed in s.seeds:
-            data = load_data(name, seed, s)
-            init = mlp(seed, s)
-            t0 = time.perf_counter()
-            original = train_original(copy.deepcopy(init), data.train, train_config(s, seed))
-            took = time.perf_counter() - t0
-            logger.info("%s seed=%d original trained in %.1fs", name, seed, took)
-            for ratio in ratios:
-                rows += run_cell(name, seed, ratio, original, init, data, s)
+    with tempfile.TemporaryDirectory(prefix="miu-bench-") as tmp:
+        originals = train_originals(datasets, s, Path(tmp))
+        units = [(name, ratio, s, originals[name]) for name in datasets
+                 for ratio in (s.fashion_ratios if name == "fashion" else s.ratios)]  # fmt: skip
+        if args.jobs > 1:
+            with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+                results = list(pool.map(_unit, units))
+        else:
+            results = [run_unit(*u) for u in units]
+    rows = [r for res in results for r in res["rows"]]
+    selection = [x for res in results for x in res["selection"]]
+    quality_s = time.perf_counter() - start
     overhead = {} if args.no_timing else measure_overhead(s)
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "miu_hooks": miu_hooks.__version__, "numpy": _version("numpy"),
                 "scikit-learn": _version("sklearn")}  # fmt: skip
     setup = dict(settings=dataclasses.asdict(s), datasets=datasets,
                  fashion_installed=fashion_available(), versions=versions,
-                 unlearn_config=base_config(s, 0).to_dict(),
+                 default_config=default_config(s, 0).to_dict(),
                  train_config=train_config(s, 0).to_dict(),
+                 grids={k: [list(v[0]), v[1], list(v[2])] for k, v in GRIDS.items()},
                  methods={row: [m, ch] for row, m, ch in METHODS})  # fmt: skip
     cli = sys.argv[1:] if argv is None else argv
     meta = dict(command=" ".join(["python benchmarks/run.py", *cli]),
                 date=dt.datetime.now().isoformat(timespec="seconds"), versions=versions,
                 device=f"CPU {_cpu_name()}, {os.cpu_count()} cores visible, "
-                       f"{torch.get_num_threads()} torch thread(s)",
-                total_s=time.perf_counter() - start, setup=setup)  # fmt: skip
+                       f"{torch.get_num_threads()} torch thread(s) x {args.jobs} process(es)",
+                total_s=time.perf_counter() - start, quality_s=quality_s,
+                load_average=_loadavg(), setup=setup)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     default_json = (args.out.with_name("results.json") if args.out.name == "RESULTS.md"
                     else args.out.with_suffix(".json"))  # fmt: skip
     json_path = args.json or default_json
+    raw = dict(meta=meta, overhead=overhead, selection=selection, rows=rows)
     # Raw results first: a report that fails to render can be redone with --from-json.
-    _write(json_path, json.dumps(dict(meta=meta, overhead=overhead, rows=rows),
-                                 separators=(",", ":"), default=str))  # fmt: skip
-    _write(args.out, render(rows, overhead, s, meta))
+    _write(json_path, json.dumps(raw, separators=(",", ":"), default=str))
+    _write(args.out, render(raw, s))
     logger.info("wrote %s and %s in %.1f min", args.out, json_path, meta["total_s"] / 60)
     return 0
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _write(path: Path, text: str) -> None:
