@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
 from miu_hooks.data import dataset_groups, logits_of
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach
 from miu_hooks.errors import ConfigError
+from miu_hooks.guard import CollapseGuard
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler
 from miu_hooks.sampling import GroupReweightSampler
 from miu_hooks.unlearn import check_split
@@ -42,6 +43,7 @@ from miu_hooks.unlearn import check_split
 require("accelerate", extra="hf")
 from accelerate import Accelerator  # noqa: E402
 
+from miu_hooks.integrations.accelerate_data import guard_for, reweighted_loader  # noqa: E402
 from miu_hooks.integrations.accelerate_runtime import AccelerateRuntime  # noqa: E402
 from miu_hooks.integrations.loaders import EndingLoader, index_sampler  # noqa: E402
 
@@ -62,57 +64,6 @@ def _per_process_batch_size(loader: Any, num_processes: int, default: int) -> in
     return int(size) if isinstance(size, int) and size > 0 else default
 
 
-def reweighted_loader(
-    retain: Dataset,
-    forget: Dataset,
-    batch_size: int,
-    *,
-    config: MIUConfig | None = None,
-    num_groups: int | None = None,
-    **loader_kwargs: Any,
-) -> DataLoader:
-    """The retain loader with REWEIGHT sampling; build it *before* ``accelerator.prepare``.
-
-    Draws ``len(retain)`` retain samples per epoch with replacement, with weight
-    ``N_g(D) / N_g(D_r)`` (D = retain ∪ forget), as a pure function of
-    ``config.seed`` and the epoch, so every process draws the same stream and
-    Accelerate hands each process its own batches of it. With
-    ``config.reweight=False`` the loader shuffles instead (same seeding).
-
-    Args:
-        retain: D_r (items ``(inputs, label, group)`` or mappings).
-        forget: D_f, for the group counts of D.
-        batch_size: Per-process batch size.
-        config: Seed, ``reweight`` and ``group_key`` (default ``MIUConfig()``).
-        num_groups: |G| (default ``max group id + 1``).
-        **loader_kwargs: Other ``DataLoader`` arguments (``drop_last``, ``num_workers``...).
-
-    Returns:
-        A ``DataLoader`` whose ``set_epoch`` redraws the sample.
-
-    Example:
-        >>> from torch.utils.data import TensorDataset
-        >>> ds = TensorDataset(torch.zeros(6, 2), torch.tensor([0, 0, 1, 1, 1, 1]),
-        ...                    torch.tensor([0, 1, 2, 3, 2, 3]))
-        >>> loader = reweighted_loader(ds, TensorDataset(*ds[:2]), batch_size=3)
-        >>> type(loader.sampler).__name__, len(loader)
-        ('GroupReweightSampler', 2)
-    """
-    cfg = config or MIUConfig()
-    retain_groups = dataset_groups(retain, cfg.group_key)
-    train_groups, num_groups = check_split(
-        retain_groups, dataset_groups(forget, cfg.group_key), num_groups
-    )
-    sampler: Any
-    if cfg.reweight:
-        sampler = GroupReweightSampler(
-            retain_groups, train_groups, num_groups=num_groups, seed=cfg.seed
-        )
-    else:
-        sampler = ShuffleSampler(len(retain_groups), seed=cfg.seed)
-    return SeededLoader(retain, batch_size=batch_size, sampler=sampler, **loader_kwargs)
-
-
 class MIUAccelerate:
     """MIU attached to an Accelerate loop (returned by :func:`prepare_miu`).
 
@@ -124,6 +75,7 @@ class MIUAccelerate:
         retain_loader: The prepared retain loader (iterated by the user's loop).
         forget_loader: The prepared forget loader (iterated by :meth:`epoch_start`).
         tune_loader: Prepared shuffled loader over D for critic tuning.
+        guard: The collapse guard (``None`` when off), checked by :meth:`epoch_end`.
     """
 
     def __init__(
@@ -143,6 +95,7 @@ class MIUAccelerate:
         self.retain_loader = retain_loader
         self.forget_loader = forget_loader
         self.tune_loader = tune_loader
+        self.guard: CollapseGuard | None = None
 
     @property
     def config(self) -> MIUConfig:
@@ -179,6 +132,21 @@ class MIUAccelerate:
         )
         self.optimizer.zero_grad(set_to_none=True)
         self.handle.model.train()
+
+    def epoch_end(self, epoch: int) -> bool:
+        """Collapse guard: check held-out accuracy after ``epoch``; ``False`` means stop.
+
+        Call it after each epoch's retain loop. When accuracy on the guard's slice
+        falls more than ``config.guard_threshold`` points below the original
+        model's, the weights of the last epoch that passed are restored (the model
+        as attached before the first), a :class:`~miu_hooks.errors.CollapseWarning`
+        is issued and ``False`` is returned: leave the loop. ``guard.outcome``
+        records the run. Every process computes the same answer (same weights,
+        same slice). Without a guard it returns ``True``.
+        """
+        if self.guard is None:
+            return True
+        return self.guard.check(self.handle.model, epoch, final=epoch == self.config.epochs - 1)
 
     def retain_loss(self, outputs: Any, batch: Any) -> Tensor:
         """MIU's retain loss CE + λ·(Î_u − sg Î_o)² for the forward that produced ``outputs``.
@@ -230,6 +198,7 @@ def prepare_miu(
     feature_module: str | nn.Module | None = None,
     register_for_checkpointing: bool = True,
     check_batch_sizes: bool = True,
+    val: Dataset | None = None,
 ) -> MIUAccelerate:
     """Attach MIU to an Accelerate loop; call after ``accelerator.prepare``.
 
@@ -257,6 +226,9 @@ def prepare_miu(
         feature_module: Head override for the feature tap.
         register_for_checkpointing: Register the result with the accelerator.
         check_batch_sizes: Check equal per-rank batch sizes before each gather.
+        val: Held-out data for the collapse guard (:meth:`MIUAccelerate.epoch_end`);
+            ``None`` reads the slice of the retain set that :func:`reweighted_loader`
+            held out of its draw. With neither, the run is unguarded (a warning).
 
     Returns:
         The :class:`MIUAccelerate` whose methods the loop calls.
@@ -291,6 +263,8 @@ def prepare_miu(
         ...         accelerator.backward(loss)
         ...         opt.step()
         ...         opt.zero_grad()
+        ...     if not miu.epoch_end(epoch):                              # added: the guard
+        ...         break
         >>> sorted(miu.pop_logs())[:2]
         ['miu/calibration', 'miu/ce']
     """
@@ -369,6 +343,9 @@ def prepare_miu(
         forget_loader,
         EndingLoader(tune_loader),
     )
+    miu.guard = guard_for(cfg, sampler, retain_ds, val)
+    if miu.guard is not None:
+        miu.guard.start(handle.model)
     if register_for_checkpointing:
         accelerator.register_for_checkpointing(miu)
     logger.info(

@@ -90,5 +90,3 @@ def find_features(
     """
     name, head = resolve_head(model, feature_module)
     return name, infer_feature_dim(head)
-
-

@@ -16,11 +16,12 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.data import dataset_groups
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach, resolve_original
 from miu_hooks.errors import CheckpointError, ConfigError
+from miu_hooks.guard import CollapseGuard, build_guard
 from miu_hooks.integrations.hf_data import check_forget_columns, check_train_columns
+from miu_hooks.integrations.hf_guard import check_epoch, install_retain_sampler
 from miu_hooks.integrations.hf_hooks import TrainerHooks
 from miu_hooks.integrations.hf_placement import calling_handler, place_before_reporters
 from miu_hooks.integrations.hf_state import (
-    install_sampler,
     load_state,
     make_runtime,
     save_state,
@@ -65,12 +66,23 @@ class MIUCallback(TrainerCallback):
             ``per_device_train_batch_size``).
         resume_from: Checkpoint folder to restore the MIU state from when the
             Trainer resumes (default ``output_dir/checkpoint-<global_step>``).
+        val_dataset: Held-out data (items like the retain set's) for the collapse
+            guard; ``None`` holds a seeded slice of the retain set out of the
+            REWEIGHT draw instead (docs/method.md §10). ``config.guard=False``
+            turns the guard off.
 
     Attributes:
         handle: The :class:`~miu_hooks.engine.MIUHandle` (after train start).
         hooks: The native hooks on the model.
         sampler: The REWEIGHT sampler of the train loader (``None`` without REWEIGHT).
         started_epoch: Last epoch whose tuning/forget phase has run (-1 before).
+        guard: The :class:`~miu_hooks.guard.CollapseGuard` of the run (``None`` when
+            off); after each epoch it compares held-out accuracy with the original
+            model's and, past ``config.guard_threshold`` points, restores the last
+            good epoch's weights and stops training (``control.should_training_stop``).
+            Each check appends ``guard/accuracy`` and ``guard/original`` (and, when it
+            fires, ``guard/fired`` and ``guard/restored_epoch``) to
+            ``state.log_history``; ``guard.outcome`` holds the record.
 
     Example:
         The callback in ``Trainer(callbacks=[...])``;
@@ -113,8 +125,12 @@ class MIUCallback(TrainerCallback):
         num_groups: int | None = None,
         batch_size: int | None = None,
         resume_from: str | os.PathLike[str] | None = None,
+        val_dataset: Dataset | None = None,
     ) -> None:
         self.config = config or MIUConfig()
+        self.val_dataset = val_dataset
+        self.guard: CollapseGuard | None = None
+        self._shuffle: ShuffleSampler | None = None
         self.forget_dataset = forget_dataset
         check_forget_columns(forget_dataset, self.config.group_key, self.config.label_key)
         if batch_size is not None and batch_size < 1:
@@ -178,15 +194,18 @@ class MIUCallback(TrainerCallback):
         )
         hooks.attach_loss(self.handle, add_to_loss=not self.subclassed)
         self._loaders = self._make_loaders(retain, loader, run_cfg.batch_size, seed, args)
-        self.sampler = None
-        if cfg.reweight:
-            self.sampler = install_sampler(
-                loader,
-                lambda n: GroupReweightSampler(
-                    retain_groups, train_groups, num_samples=n, num_groups=num_groups, seed=seed
-                ),
-            )
+        self.guard, held = build_guard(
+            retain, retain_groups, self.val_dataset, cfg,
+            collate_fn=getattr(loader, "collate_fn", None),
+        )  # fmt: skip
+        self.sampler, self._shuffle = install_retain_sampler(
+            loader, reweight=cfg.reweight, retain_groups=retain_groups, train_groups=train_groups,
+            num_groups=num_groups, seed=seed, held=held,
+        )  # fmt: skip
         self.started_epoch = -1
+        if self.guard is not None:
+            self.guard.start(self.handle.original, keep_weights=False)  # the original's accuracy
+            self.guard.set_good(model, math.floor((state.epoch or 0.0) + 1e-6) - 1)
         if state.global_step > 0:
             self._resume(args, state)
         if not self._placed:
@@ -197,8 +216,9 @@ class MIUCallback(TrainerCallback):
         if self.handle is None or self._loaders is None:
             return
         epoch = math.floor((state.epoch or 0.0) + 1e-6)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        for sampler in (self.sampler, self._shuffle):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
         if epoch <= self.started_epoch:
             logger.info("MIUCallback: epoch %d started before the checkpoint; not repeated", epoch)
             return
@@ -219,6 +239,11 @@ class MIUCallback(TrainerCallback):
             self.hooks.internal = False
             model.zero_grad(set_to_none=True)
         self.started_epoch = epoch
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Collapse guard: check held-out accuracy; past the threshold restore and stop."""
+        if self.guard is not None and self.handle is not None and self.hooks is not None:
+            check_epoch(self.guard, self.handle.model, self.hooks, state, control)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         """Put the ``miu/*`` means into the training record being logged."""
@@ -259,12 +284,20 @@ class MIUCallback(TrainerCallback):
         return self.handle.pop_logs() if self.handle is not None else {}
 
     def make_sampler(self, retain: Any, args: Any) -> GroupReweightSampler:
-        """The REWEIGHT sampler of ``retain`` (used by :class:`MIUTrainerMixin`)."""
-        retain_groups = dataset_groups(retain, self.config.group_key)
-        forget_groups = dataset_groups(self.forget_dataset, self.config.group_key)
+        """The REWEIGHT sampler of ``retain`` (used by :class:`MIUTrainerMixin`).
+
+        It leaves out the collapse guard's held-out slice, the same one
+        ``on_train_begin`` measures (a pure function of the groups and the seed).
+        """
+        cfg = self.config
+        retain_groups = dataset_groups(retain, cfg.group_key)
+        forget_groups = dataset_groups(self.forget_dataset, cfg.group_key)
         train_groups, num_groups = check_split(retain_groups, forget_groups, self.num_groups)
         seed = args.data_seed if args.data_seed is not None else args.seed
-        return GroupReweightSampler(retain_groups, train_groups, num_groups=num_groups, seed=seed)
+        _, held = build_guard(retain, retain_groups, self.val_dataset, cfg)
+        return GroupReweightSampler(
+            retain_groups, train_groups, num_groups=num_groups, seed=seed, exclude=held
+        )
 
     def bind(self, args: Any, model: Any) -> None:
         """Prepare a Trainer run: keep the group column, snapshot ``model``, hook its columns.
@@ -384,4 +417,3 @@ class MIUCallback(TrainerCallback):
             )
         self.started_epoch = int(meta.get("started_epoch", -1))
         logger.info("MIUCallback: resumed MIU state from %s (epoch %d)", folder, self.started_epoch)
-

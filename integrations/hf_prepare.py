@@ -36,6 +36,7 @@ def prepare_trainer(
     num_groups: int | None = None,
     batch_size: int | None = None,
     resume_from: str | os.PathLike[str] | None = None,
+    val_dataset: Dataset | None = None,
 ) -> MIUCallback:
     """Add MIU to a ``Trainer`` built on the retain set; the recommended Trainer route.
 
@@ -58,6 +59,7 @@ def prepare_trainer(
         num_groups: See :class:`MIUCallback`.
         batch_size: See :class:`MIUCallback`.
         resume_from: See :class:`MIUCallback`.
+        val_dataset: Held-out data for the collapse guard (see :class:`MIUCallback`).
 
     Returns:
         The callback, already registered with ``trainer``.
@@ -112,6 +114,7 @@ def prepare_trainer(
         feature_module=feature_module,
         num_groups=num_groups,
         batch_size=batch_size,
+        val_dataset=val_dataset,
         resume_from=resume_from,
     )
     callback.bind(trainer.args, trainer.model)

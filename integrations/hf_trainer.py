@@ -53,6 +53,7 @@ class MIUTrainerMixin(_TrainerBase):
         feature_module: See :class:`MIUCallback`.
         num_groups: See :class:`MIUCallback`.
         miu_batch_size: :class:`MIUCallback`'s ``batch_size``.
+        miu_val_dataset: :class:`MIUCallback`'s ``val_dataset`` (the collapse guard's data).
         **kwargs: The Trainer's own arguments.
 
     Example:
@@ -91,6 +92,7 @@ class MIUTrainerMixin(_TrainerBase):
         feature_module: str | nn.Module | None = None,
         num_groups: int | None = None,
         miu_batch_size: int | None = None,
+        miu_val_dataset: Dataset | None = None,
         **kwargs: Any,
     ) -> None:
         callback = MIUCallback(
@@ -100,6 +102,7 @@ class MIUTrainerMixin(_TrainerBase):
             feature_module=feature_module,
             num_groups=num_groups,
             batch_size=miu_batch_size,
+            val_dataset=miu_val_dataset,
         )
         callback.subclassed = True
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), callback]

@@ -130,7 +130,7 @@ class Predictions(NamedTuple):
 
 
 @contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
+def inference(model: nn.Module) -> Iterator[None]:
     """Run the block with ``model`` in eval mode under ``no_grad``; restore every training flag."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -182,7 +182,7 @@ def predict(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     keys = {"input_key": input_key, "label_key": label_key, "group_key": group_key}
-    with _inference(model):
+    with inference(model):
         return _run(model, name, data, batch_size, device, keys)
 
 
@@ -260,7 +260,7 @@ def evaluate(
     keys = {"input_key": input_key, "label_key": label_key, "group_key": group_key}
     sets = {"retain": retain, "forget": forget, "test": test}
     sets.update({} if val is None else {"val": val})
-    with _inference(model):
+    with inference(model):
         out = {k: _run(model, k, d, batch_size, device, keys) for k, d in sets.items()}
     if num_groups is None:
         num_groups = max(int(o[2].max()) for o in out.values()) + 1

@@ -18,17 +18,24 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from miu_hooks.errors import CollapseWarning
+from miu_hooks.errors import CollapseWarning, DataError
 from miu_hooks.seeding import GUARD_STREAM, epoch_generator
 
-__all__ = ["MIN_HOLDOUT", "CollapseGuard", "GuardOutcome", "holdout_indices", "slice_of"]
+__all__ = [
+    "MIN_HOLDOUT",
+    "CollapseGuard",
+    "GuardOutcome",
+    "build_guard",
+    "holdout_indices",
+    "slice_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +142,7 @@ class CollapseGuard:
         batch_size: Evaluation batch size.
         keys: ``input_key``/``label_key``/``group_key`` of mapping items.
         final_only: Check the final model only, never restore (re-initialised runs).
+        collate_fn: How to batch the slice's items (e.g. a Trainer's data collator).
 
     Example:
         >>> x = torch.eye(2).repeat(8, 1); y = torch.tensor([0, 1] * 8)
@@ -165,10 +173,12 @@ class CollapseGuard:
         batch_size: int = 256,
         keys: Mapping[str, Any] | None = None,
         final_only: bool = False,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.data = data
         self.batch_size = batch_size
         self.keys = dict(keys or {})
+        self.collate_fn = collate_fn
         self.outcome = GuardOutcome(
             threshold=float(threshold),
             source=source,
@@ -180,10 +190,19 @@ class CollapseGuard:
 
     def accuracy(self, model: nn.Module) -> float:
         """Accuracy (×100) of ``model`` on the slice (``eval()``, ``no_grad``; modes restored)."""
-        from miu_hooks.evaluation import predict
+        from miu_hooks.data import forward_logits, split_batch
+        from miu_hooks.evaluation import inference
 
-        p = predict(model, self.data, name="guard slice", batch_size=self.batch_size, **self.keys)
-        return 100.0 * float((p.preds == p.labels).float().mean())
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        loader = DataLoader(self.data, batch_size=self.batch_size, collate_fn=self.collate_fn)
+        right = total = 0
+        with inference(model):
+            for raw in loader:
+                batch = split_batch(raw, **self.keys).to(device)
+                preds = forward_logits(model, batch.inputs).argmax(-1)
+                right += int((preds == batch.labels).sum())
+                total += len(batch.labels)
+        return 100.0 * right / max(total, 1)
 
     def start(self, model: nn.Module, *, keep_weights: bool = True) -> float:
         """Measure the original (``model`` as it is now); keep its weights as the last good."""
@@ -262,3 +281,61 @@ class CollapseGuard:
         out.message = head + tail + "; lower lr, or set guard=False to keep the run's weights"
         logger.warning("%s", out.message)
         warnings.warn(out.message, CollapseWarning, stacklevel=3)
+
+
+def build_guard(
+    retain: Dataset,
+    retain_groups: Tensor,
+    val: Dataset | None,
+    config: Any,
+    *,
+    final_only: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> tuple[CollapseGuard | None, Tensor]:
+    """The guard of a run and the retain positions it holds out of training.
+
+    With ``val`` the guard reads a seeded slice of it (``config.guard_samples``
+    samples at most) and nothing is held out. Without, a seeded, group-stratified
+    slice of the retain set is held out (:func:`holdout_indices`); when that slice
+    would have fewer than :data:`MIN_HOLDOUT` samples the run is unguarded (a
+    warning says to pass ``val``).
+
+    Args:
+        retain: D_r.
+        retain_groups: LongTensor[N_r], its groups.
+        val: Held-out data, or ``None``.
+        config: A :class:`~miu_hooks.config.TrainConfig` (``guard*``, ``seed``, column keys).
+        final_only: See :class:`CollapseGuard`.
+        collate_fn: See :class:`CollapseGuard`.
+
+    Returns:
+        ``(guard or None, held-out retain positions)``; the positions are empty
+        with ``val``, without a guard, or when the slice would be too small.
+
+    Raises:
+        DataError: ``val`` is empty.
+    """
+    none = torch.zeros(0, dtype=torch.long)
+    if not config.guard:
+        return None, none
+    keys = {"input_key": config.input_key, "label_key": config.label_key,
+            "group_key": config.group_key}  # fmt: skip
+    common: dict[str, Any] = dict(threshold=config.guard_threshold, keys=keys,
+                                  final_only=final_only, collate_fn=collate_fn)  # fmt: skip
+    if val is not None:
+        n_val = len(val)  # type: ignore[arg-type]
+        if n_val == 0:
+            raise DataError("val is empty: pass a validation set with samples, or val=None")
+        part = slice_of(n_val, config.guard_samples, config.seed).tolist()
+        return CollapseGuard(Subset(val, part), source="val", **common), none
+    _, held = holdout_indices(retain_groups, config.guard_samples, config.seed)
+    if held.numel() < MIN_HOLDOUT:
+        logger.warning(
+            "collapse guard off: a tenth of the retain set (%d samples) is fewer than %d, too "
+            "few to measure a %g-point drop; pass val= to guard this run",
+            held.numel(),
+            MIN_HOLDOUT,
+            config.guard_threshold,
+        )
+        return None, none
+    return CollapseGuard(Subset(retain, held.tolist()), source="retain", **common), held

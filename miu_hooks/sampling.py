@@ -35,6 +35,12 @@ class GroupReweightSampler(Sampler[int]):
         generator: Source of randomness; a seeded one is created when ``None``.
         num_groups: |G| (default ``max id + 1``).
         seed: Seed of the generator created when ``generator`` is ``None``.
+        exclude: Retain positions never drawn (e.g. the collapse guard's held-out
+            slice); the weights count the kept retain samples only, so the stream
+            still reproduces D's mixture.
+
+    Attributes:
+        excluded: LongTensor of the excluded positions (empty when none).
 
     Example:
         >>> s = GroupReweightSampler(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1, 1]))
@@ -42,6 +48,10 @@ class GroupReweightSampler(Sampler[int]):
         [2.0, 1.0, 1.0]
         >>> len(list(s))
         3
+        >>> s = GroupReweightSampler(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1, 1]),
+        ...                          exclude=torch.tensor([2]))
+        >>> s.weights.tolist(), 2 in list(s)
+        ([2.0, 2.0, 0.0], False)
     """
 
     def __init__(
@@ -53,12 +63,21 @@ class GroupReweightSampler(Sampler[int]):
         *,
         num_groups: int | None = None,
         seed: int = 0,
+        exclude: Tensor | None = None,
     ) -> None:
         retain_groups = torch.as_tensor(retain_groups).long().reshape(-1)
         if retain_groups.numel() == 0:
             raise DataError("GroupReweightSampler needs a non-empty retain set")
-        self.group_weights = group_weights(train_groups, retain_groups, num_groups)
+        self.excluded = (
+            torch.zeros(0, dtype=torch.long)
+            if exclude is None
+            else torch.as_tensor(exclude, dtype=torch.long).reshape(-1)
+        )
+        kept = torch.ones(retain_groups.numel(), dtype=torch.bool)
+        kept[self.excluded] = False
+        self.group_weights = group_weights(train_groups, retain_groups[kept], num_groups)
         self.weights = self.group_weights[retain_groups].double()
+        self.weights[self.excluded] = 0.0
         self.num_samples = int(num_samples) if num_samples is not None else len(retain_groups)
         if self.num_samples < 1:
             raise ConfigError(f"num_samples must be >= 1; got {num_samples}")

@@ -16,14 +16,8 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from miu_hooks.atomic import atomic_save_safetensors
 from miu_hooks.config import TrainConfig
 from miu_hooks.engine import OriginalSpec, resolve_original
-from miu_hooks.errors import CheckpointError, DataError, NonFiniteLossError
-from miu_hooks.guard import (
-    MIN_HOLDOUT,
-    CollapseGuard,
-    GuardOutcome,
-    holdout_indices,
-    slice_of,
-)
+from miu_hooks.errors import CheckpointError, NonFiniteLossError
+from miu_hooks.guard import GuardOutcome, build_guard
 from miu_hooks.methods import RunContext
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler, indexed
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
@@ -83,50 +77,6 @@ def build_scheduler(
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
-
-
-def _guard_split(
-    retain: Dataset,
-    retain_groups: Tensor,
-    val: Dataset | None,
-    cfg: TrainConfig,
-    final_only: bool,
-) -> tuple[Dataset, Tensor, CollapseGuard | None]:
-    """Return ``(retain used for training, its groups, the guard)`` for a run.
-
-    With ``val`` the guard reads a seeded slice of it; without, a seeded,
-    group-stratified slice of the retain set is held out of training.
-    """
-    if not cfg.guard:
-        return retain, retain_groups, None
-    keys = {"input_key": cfg.input_key, "label_key": cfg.label_key, "group_key": cfg.group_key}
-    if val is not None:
-        n_val = len(val)  # type: ignore[arg-type]
-        if n_val == 0:
-            raise DataError("val is empty: pass a validation set with samples, or val=None")
-        held: Dataset = Subset(val, slice_of(n_val, cfg.guard_samples, cfg.seed).tolist())
-        guard = CollapseGuard(
-            held, threshold=cfg.guard_threshold, source="val", keys=keys, final_only=final_only
-        )
-        return retain, retain_groups, guard
-    keep, out = holdout_indices(retain_groups, cfg.guard_samples, cfg.seed)
-    if out.numel() < MIN_HOLDOUT:
-        logger.warning(
-            "collapse guard off: a tenth of the retain set (%d samples) is fewer than %d, too "
-            "few to measure a %g-point drop; pass val= to guard this run",
-            out.numel(),
-            MIN_HOLDOUT,
-            cfg.guard_threshold,
-        )
-        return retain, retain_groups, None
-    guard = CollapseGuard(
-        Subset(retain, out.tolist()),
-        threshold=cfg.guard_threshold,
-        source="retain",
-        keys=keys,
-        final_only=final_only,
-    )
-    return Subset(retain, keep.tolist()), retain_groups[keep], guard
 
 
 def _loaders(
@@ -352,9 +302,14 @@ def unlearn(
     # REWEIGHT keeps D's mixture: its weights count the whole D even when the guard
     # holds a slice of D_r out of training.
     full_train_groups, forget_groups = train_groups, train_groups[retain_groups.numel() :]
-    retain, retain_groups, guard = _guard_split(
+    guard, held = build_guard(
         retain, retain_groups, val, cfg, final_only=method_cls.starts_fresh(cfg)
     )
+    if held.numel():  # the guard's slice of D_r is kept out of training
+        keep = torch.ones(retain_groups.numel(), dtype=torch.bool)
+        keep[held] = False
+        kept = torch.nonzero(keep).reshape(-1)
+        retain, retain_groups = Subset(retain, kept.tolist()), retain_groups[kept]
     if guard is not None:
         guard.start(model)
     train: ConcatDataset[Any] = ConcatDataset([retain, forget])

@@ -44,32 +44,66 @@ class ShuffleSampler(Sampler[int]):
     ``RandomSampler`` by their own (Accelerate does) keep this order. The
     ``generator`` attribute is kept for launchers that look for one.
 
+    ``exclude`` leaves positions out (the collapse guard's held-out slice): each
+    epoch is then a permutation of the kept positions, repeated (reshuffled) up to
+    ``num_samples`` draws (default: the number kept).
+
     Example:
         >>> s = ShuffleSampler(5, seed=1)
         >>> sorted(s) == [0, 1, 2, 3, 4]
         True
+        >>> sorted(ShuffleSampler(5, seed=1, exclude=torch.tensor([1]), num_samples=8))
+        [0, 0, 2, 2, 3, 3, 4, 4]
     """
 
-    def __init__(self, size: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        *,
+        exclude: torch.Tensor | None = None,
+        num_samples: int | None = None,
+    ) -> None:
         self.size = int(size)
         self.seed = int(seed)
         self.epoch = 0
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
+        self.excluded = (
+            torch.zeros(0, dtype=torch.long)
+            if exclude is None
+            else torch.as_tensor(exclude, dtype=torch.long).reshape(-1)
+        )
+        mask = torch.ones(self.size, dtype=torch.bool)
+        mask[self.excluded] = False
+        self.kept = torch.nonzero(mask).reshape(-1)
+        self.num_samples = int(num_samples) if num_samples is not None else int(mask.sum())
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch``."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
     def epoch_sampler(self) -> RandomSampler:
-        """Return this epoch's :class:`~torch.utils.data.RandomSampler` over ``range(size)``."""
-        return RandomSampler(range(self.size), generator=epoch_generator(self.seed, self.epoch))
+        """Return this epoch's :class:`~torch.utils.data.RandomSampler` over the kept positions.
+
+        It yields indices into the kept positions (``range(size)`` when nothing
+        is excluded), ``num_samples`` of them.
+        """
+        return RandomSampler(
+            range(len(self.kept)),
+            num_samples=self.num_samples if self.num_samples != len(self.kept) else None,
+            generator=epoch_generator(self.seed, self.epoch),
+        )
 
     def __iter__(self) -> Iterator[int]:
-        yield from self.epoch_sampler()
+        if not self.excluded.numel():
+            yield from self.epoch_sampler()
+            return
+        for i in self.epoch_sampler():
+            yield int(self.kept[i])
 
 
 class SeededLoader(DataLoader):

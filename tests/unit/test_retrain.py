@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-from toy_problem import toy_net, toy_split
 from torch import nn
+from toy_problem import toy_net, toy_split
 
 from miu_hooks import RetrainConfig, TrainConfig, reinitialize, unlearn
 
