@@ -53,7 +53,7 @@ GRIDS: dict[str, tuple[tuple[float, ...], str | None, tuple[Any, ...]]] = {
     "l1_sparse": (LRS3, "l1_alpha", (5e-4, 5e-3)),
     "salun": (LRS3, "salun_ratio", (0.5, 0.2)),
     "scrub": (LRS3, "forget_epochs", (1, 3)),
-    "miu": (LRS3, "mi_weight", (1.0, 3.0)),
+    "miu": (LRS3, "mi_weight", (1.0, 10.0)),  # λ: the paper's two values (docs/method.md §4)
 }
 
 

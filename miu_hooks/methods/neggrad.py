@@ -7,8 +7,8 @@ r"""NegGrad (gradient ascent on the forget set; docs/method.md §6).
 
 There is no retain pass, so REWEIGHT does not apply: there is no
 ``neggrad_reweight``, and ``reweight=True`` with ``neggrad`` is refused.
-Settings: :class:`~miu_hooks.config.NegGradConfig` (a tenth of the others' learning
-rate by default). The objective is unbounded below; ``max_grad_norm`` bounds each
+Settings: :class:`~miu_hooks.config.NegGradConfig` (learning rate 3e-4 by
+default). The objective is unbounded below; ``max_grad_norm`` bounds each
 step, the collapse guard stops a run whose held-out accuracy collapses, and a
 non-finite loss raises :class:`~miu_hooks.errors.NonFiniteLossError`.
 """

@@ -62,7 +62,7 @@ def test_quick_benchmark_writes_both_protocols(tmp_path: Path) -> None:
         assert len(gaps) <= 6 and sel["grid"][gaps.index(min(gaps))]["config"] == sel["chosen"]
         assert all(row["config"][k] == v for k, v in sel["chosen"].items())
     # Default rows run each method's own defaults: NegGrad's learning rate is its own.
-    assert by[("default", "neggrad")]["config"]["lr"] == 0.001
+    assert by[("default", "neggrad")]["config"]["lr"] == 3e-4
     assert by[("default", "miu")]["config"]["forget_objective"] == "floor"
     overhead = data["overhead"]
     for key in ("mlp", "conv"):
