@@ -98,15 +98,8 @@ def main() -> None:
     original = copy.deepcopy(accelerator.unwrap_model(model))
 
     # -- 2. unlearning: the same loop, plus the lines marked MIU ----------------------
-    cfg = MIUConfig(
-        epochs=args.epochs,
-        forget_epochs=2,
-        mine_hidden=64,
-        mine_warmup_iters=20,
-        mine_iters=5,
-        mi_weight=1.0,
-        seed=0,
-    )
+    cfg = MIUConfig(epochs=args.epochs, forget_epochs=2, mine_hidden=64, mine_warmup_iters=20,
+                    mine_iters=5, mi_weight=1.0, seed=0)
     model = make_model(args.size)
     model.load_state_dict(original.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
@@ -116,15 +109,8 @@ def main() -> None:
     model, optimizer, retain_loader, forget_loader, test_loader = accelerator.prepare(
         model, optimizer, retain_loader, forget_loader, test_loader
     )
-    miu = prepare_miu(
-        accelerator,
-        model,
-        optimizer,
-        retain_loader,
-        forget_loader,  # MIU
-        config=cfg,
-        original=original,
-    )
+    miu = prepare_miu(accelerator, model, optimizer, retain_loader, forget_loader,  # MIU
+                      config=cfg, original=original)
     before = accuracy(accelerator, model, test_loader)
     for epoch in range(cfg.epochs):
         miu.epoch_start(epoch)  # MIU: critic tuning + forget pass
