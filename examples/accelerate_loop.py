@@ -1,4 +1,4 @@
-"""A plain Accelerate training loop turned into MIU unlearning (five added lines).
+"""A plain Accelerate training loop turned into MIU unlearning (seven added lines).
 
 Trains an "original" classifier on a Colored-MNIST analogue with an ordinary
 Accelerate loop, forgets half of group 3 (y=1, green) with the *same* loop plus
@@ -123,6 +123,8 @@ def main() -> None:
         if accelerator.is_main_process:
             terms = ", ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()))
             print(f"epoch {epoch}: {terms}", flush=True)
+        if not miu.epoch_end(epoch):  # MIU: collapse guard (last good epoch restored)
+            break
     after = accuracy(accelerator, model, test_loader)
 
     # -- every process must hold the same unlearned model ------------------------------
