@@ -160,7 +160,8 @@ def guard_summary(guard: Mapping[str, Any] | None) -> str:
         'Collapse guard: passed (val, 50 samples: original 90.0, last epoch 88.5, threshold 10)'
     """
     if not guard or not guard.get("enabled"):
-        return "Collapse guard: off"
+        reason = (guard or {}).get("reason")
+        return f"Collapse guard: off ({reason})" if reason else "Collapse guard: off"
     if guard.get("fired"):
         return f"Collapse guard: FIRED: {guard['message']}"
     accs = guard.get("accuracies") or []

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ from miu_hooks.cli.load import image_settings, load_dataset, load_model
 from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
 from miu_hooks.config import TrainConfig
 from miu_hooks.data import GroupTensorDataset
-from miu_hooks.errors import CheckpointError
+from miu_hooks.errors import CheckpointError, CollapseWarning
 from miu_hooks.evaluation import evaluate, predict
 from miu_hooks.guard import GuardOutcome
 from miu_hooks.ledger import Ledger
@@ -289,7 +291,10 @@ def _execute(
         next(phases)
         net = model  # retrain* re-initialises it (seeded) unless reinit=False
         guard: list[GuardOutcome] = []
-        with console.counter(config.epochs, f"{method} epochs") as tick:
+        guard_notes: list[str] = []
+        with console.counter(config.epochs, f"{method} epochs") as tick, _guard_messages(
+            console, guard_notes
+        ):
             unlearn(
                 net,
                 retain,
@@ -311,7 +316,11 @@ def _execute(
         next(phases)
         models["unlearned"] = measure(net)()
         report = _report(prep, fingerprint, config, method, models, list(refs), start_time)
-        report["guard"] = guard[0].to_dict() if guard else {"enabled": False}
+        report["guard"] = (
+            guard[0].to_dict()
+            if guard
+            else {"enabled": False, "reason": guard_notes[-1] if guard_notes else "guard=False"}
+        )
         next(phases)
         notes: list[str] = []
         meta = {
@@ -359,6 +368,33 @@ def _execute(
     finally:
         if done:
             shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _guard_messages(console: Console, notes: list[str]) -> Iterator[None]:
+    """Show the guard's messages on the console (not as raw log lines or warnings).
+
+    A guard that cannot run (too small a retain set) says why on the console and in
+    ``notes``; its warning when it fires is printed from the outcome by the caller.
+    """
+
+    class _Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage().replace("pass val=", "pass --val")
+            notes.append(message)
+            console.log(f"note: {message}")
+
+    log = logging.getLogger("miu_hooks.guard")
+    handler, propagate = _Forward(level=logging.WARNING), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CollapseWarning)
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 def _report(
