@@ -15,7 +15,7 @@ from miu_hooks import L1SparseConfig, NegGradConfig, SalUnConfig, SCRUBConfig
 
 SCRUB_DEFAULTS = {k: v for k, v in SCRUBConfig().to_dict().items() if k.startswith("scrub_")}
 COLLAPSE = 10.0  # points of test accuracy below the Original's
-GA_TOLERANCE = {0.5: 2.0, 0.9: 4.0}
+GA_TOLERANCE = {0.5: 2.0, 0.9: 4.0}  # the issue's targets are at r = 0.5 and r = 0.9
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -80,7 +80,8 @@ def tuned_verdicts(agg: dict[Key, Any]) -> list[list[str]]:
     """MIU's tuned Avg. Gap against the best tuned baseline's, and its GA against the reference."""
     out = []
     ok = lambda b: "**met**" if b else "**not met**"  # noqa: E731
-    for _, dataset, ratio, _ in sorted({k for k in agg if k[0] == "tuned" and k[3] == "miu"}):
+    for _, dataset, ratio, _ in sorted({k for k in agg if k[0] == "tuned" and k[3] == "miu"
+                                        and k[2] in GA_TOLERANCE}):  # fmt: skip
         base = {k[3]: c for k, c in agg.items() if k[:3] == ("tuned", dataset, ratio)
                 and k[3] != "miu" and not k[3].startswith("miu")}  # fmt: skip
         miu_gap = _mean(agg, ("tuned", dataset, ratio, "miu"), "gap_rw")

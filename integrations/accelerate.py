@@ -242,7 +242,7 @@ def prepare_miu(
 
     Example:
         >>> from accelerate import Accelerator
-        >>> from torch.utils.data import TensorDataset
+        >>> from torch.utils.data import DataLoader, TensorDataset
         >>> torch.manual_seed(0) and None
         >>> x, y = torch.randn(48, 4), torch.randint(0, 2, (48,))
         >>> g = y * 2 + torch.randint(0, 2, (48,))

@@ -38,6 +38,17 @@ def install_retain_sampler(
     zero); otherwise, when something is held out, a seeded shuffle of the other
     positions of the same length replaces the Trainer's sampler. Returns the
     sampler installed (REWEIGHT, shuffle), ``None`` for the one not used.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader
+        >>> loader = DataLoader(range(6), batch_size=2, shuffle=True)
+        >>> groups = torch.tensor([0, 0, 0, 1, 1, 1])
+        >>> rw, plain = install_retain_sampler(
+        ...     loader, reweight=False, retain_groups=groups, train_groups=groups,
+        ...     num_groups=2, seed=0, held=torch.tensor([1, 4]))
+        >>> rw is None, len(loader), sorted(set(plain)) == [0, 2, 3, 5]
+        (True, 3, True)
     """
     if reweight:
         sampler = install_sampler(

@@ -33,7 +33,7 @@ def test_hf_trainer_example_quick(tmp_path):
     assert set(rows) == {"original", "plain fine-tune", "MIU"}, proc.stdout
     # columns: g0 g1 g2 g3 test GA FA
     assert all(len(v) == 7 for v in rows.values())
-    assert rows["MIU"][5] > rows["plain fine-tune"][5]  # GA
-    assert rows["MIU"][6] < rows["original"][6]  # FA
+    assert rows["MIU"][5] > rows["plain fine-tune"][5] + 20  # GA: group 2 keeps its accuracy
+    assert rows["MIU"][4] > rows["original"][4] - 10  # test accuracy: no collapse
     assert "miu/calibration" not in proc.stderr  # the log summary goes to stdout
     assert "calibration" in proc.stdout
