@@ -108,10 +108,15 @@ class Scorer:
 
 
 def _timed(model: nn.Module, retain: Any, forget: Any, cfg: Any, method: str,
-           original: nn.Module | None = None) -> float:  # fmt: skip
-    """Run ``unlearn`` (in place) and return its wall time in seconds."""
+           original: nn.Module | None = None, val: Any = None) -> float:  # fmt: skip
+    """Run ``unlearn`` (in place) and return its wall time in seconds.
+
+    ``val`` is the collapse guard's held-out set (as in run.py), so that no retain
+    sample is held out of training.
+    """
     start = time.perf_counter()
-    unlearn(model, retain, forget, config=cfg, method=method, original=original, num_groups=4)
+    unlearn(model, retain, forget, config=cfg, method=method, original=original, num_groups=4,
+            val=val)  # fmt: skip
     return time.perf_counter() - start
 
 
@@ -130,7 +135,7 @@ def run_seed(seed: int, s: Settings, k_requests: int, rows: tuple[str, ...]) -> 
     for k in range(1, k_requests + 1):  # references first: Gap needs them
         retain, forget = scorer.split(k)
         model = copy.deepcopy(init)
-        wall = _timed(model, retain, forget, ref_cfg, ref_method)
+        wall = _timed(model, retain, forget, ref_cfg, ref_method, val=data.val)
         records.append(scorer.score(model, k, REF, wall))
         logger.info("seed=%d request %d: %s trained in %.1fs", seed, k, REF, wall)
     # The original does not change: scored once, after the last request.
@@ -147,7 +152,7 @@ def run_seed(seed: int, s: Settings, k_requests: int, rows: tuple[str, ...]) -> 
             if (len(retain), len(forget)) != (len(expect[0]), len(expect[1])):
                 raise RuntimeError(f"the ledger's split of request {k} is not the union")
             model_in = weights_sha256(model)
-            wall = _timed(model, retain, forget, cfg, method, frozen)
+            wall = _timed(model, retain, forget, cfg, method, frozen, val=data.val)
             ledger.add_request(part.tolist(), method=method, model_in_sha256=model_in,
                                model_out_sha256=weights_sha256(model))  # fmt: skip
             records.append(scorer.score(model, k, row, wall))
@@ -156,7 +161,7 @@ def run_seed(seed: int, s: Settings, k_requests: int, rows: tuple[str, ...]) -> 
         ledgers[row] = ledger.to_dict()
         once = copy.deepcopy(original)
         retain, forget = scorer.split(k_requests)
-        wall = _timed(once, retain, forget, cfg, method, frozen)
+        wall = _timed(once, retain, forget, cfg, method, frozen, val=data.val)
         records.append(scorer.score(once, k_requests, f"{row}_once", wall))
     if ALONE in rows:
         method, cfg = _config(s, seed, "miu")
@@ -165,7 +170,8 @@ def run_seed(seed: int, s: Settings, k_requests: int, rows: tuple[str, ...]) -> 
             keep = np.setdiff1d(np.arange(len(data.train)), part)
             retain = subset(data.train, torch.from_numpy(keep))
             forget = subset(data.train, torch.from_numpy(part))
-            wall = _timed(model, retain, forget, cfg, method)  # calibrates against its input
+            # calibrates against its input
+            wall = _timed(model, retain, forget, cfg, method, val=data.val)
             records.append(scorer.score(model, k, ALONE, wall))
     for r in records:
         r["seed"] = seed

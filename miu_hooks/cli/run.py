@@ -292,8 +292,9 @@ def _execute(
         net = model  # retrain* re-initialises it (seeded) unless reinit=False
         guard: list[GuardOutcome] = []
         guard_notes: list[str] = []
-        with console.counter(config.epochs, f"{method} epochs") as tick, _guard_messages(
-            console, guard_notes
+        with (
+            console.counter(config.epochs, f"{method} epochs") as tick,
+            _guard_messages(console, guard_notes),
         ):
             unlearn(
                 net,
