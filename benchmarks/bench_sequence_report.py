@@ -21,7 +21,7 @@ NAMES = {
 SEQUENCES = ("miu", "finetune_reweight", "miu_alone")
 SETTINGS = ("seeds", "digits_samples", "digits_copies", "forget_group", "size", "label_noise",
             "color_flip", "hidden", "batch_size", "train_epochs", "train_lr", "unlearn_epochs",
-            "unlearn_lr", "mine_warmup_iters", "mine_iters", "threads")  # fmt: skip
+            "mine_warmup_iters", "mine_iters", "threads")  # fmt: skip
 
 
 def _pm(values: list[float], digits: int = 2) -> str:
