@@ -37,7 +37,7 @@ from miu_hooks.engine import MIUHandle, OriginalSpec, attach
 from miu_hooks.errors import ConfigError
 from miu_hooks.guard import CollapseGuard
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler
-from miu_hooks.sampling import GroupReweightSampler
+from miu_hooks.sampling import GroupReweightSampler, TrainBatchSampler
 from miu_hooks.unlearn import check_split
 
 require("accelerate", extra="hf")
@@ -45,7 +45,12 @@ from accelerate import Accelerator  # noqa: E402
 
 from miu_hooks.integrations.accelerate_data import guard_for, reweighted_loader  # noqa: E402
 from miu_hooks.integrations.accelerate_runtime import AccelerateRuntime  # noqa: E402
-from miu_hooks.integrations.loaders import EndingLoader, index_sampler  # noqa: E402
+from miu_hooks.integrations.loaders import (  # noqa: E402
+    EndingLoader,
+    batch_sampler_chain,
+    check_last_batch,
+    index_sampler,
+)
 
 __all__ = ["AccelerateRuntime", "MIUAccelerate", "prepare_miu", "reweighted_loader"]
 
@@ -319,6 +324,7 @@ def prepare_miu(
         )
     if not _is_prepared(tune_loader):
         tune_loader = accelerator.prepare_data_loader(tune_loader)
+    _no_batch_of_one(accelerator.unwrap_model(model), cfg, nproc, retain_loader, forget_loader)
 
     unwrapped = accelerator.unwrap_model(model)
     frozen: OriginalSpec = original
@@ -355,6 +361,37 @@ def prepare_miu(
         handle.tap.name,
     )
     return miu
+
+
+def _no_batch_of_one(model: nn.Module, cfg: MIUConfig, nproc: int, *loaders: Any) -> None:
+    """No training pass feeds a batch of one: merging off under sharding, user loaders checked.
+
+    Loaders built by the library (:func:`reweighted_loader`, the tuning loader)
+    merge a last single sample into the batch before it on one process. Several
+    processes get their batches from Accelerate's sharding, which evens the last
+    batches (``even_batches=True``) and needs batches of at most the batch size,
+    so merging is switched off there. A loader of the user's whose last batch
+    holds one sample is refused when the model cannot train on one sample.
+    """
+    for loader in loaders:
+        for node in batch_sampler_chain(loader):
+            if isinstance(node, TrainBatchSampler) and nproc > 1:
+                node.merge_single = False
+    keys = {
+        "input_key": cfg.input_key,
+        "label_key": cfg.label_key,
+        "group_key": cfg.group_key,
+        "id_key": cfg.id_key,
+    }
+    for what, loader in zip(("the retain loader", "the forget loader"), loaders, strict=True):
+        check_last_batch(
+            loader,
+            model,
+            what=what,
+            fix="pass drop_last=True to its DataLoader, or another batch size",
+            keys=keys,
+            world_size=nproc,
+        )
 
 
 def _broadcast_module(module: nn.Module) -> None:

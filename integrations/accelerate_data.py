@@ -42,7 +42,9 @@ def reweighted_loader(
     ``N_g(D) / N_g(D_r)`` (D = retain ∪ forget), as a pure function of
     ``config.seed`` and the epoch, so every process draws the same stream and
     Accelerate hands each process its own batches of it. With
-    ``config.reweight=False`` the loader shuffles instead (same seeding).
+    ``config.reweight=False`` the loader shuffles instead (same seeding). On
+    one process a last batch of one sample joins the batch before it
+    (BatchNorm cannot train on one sample; :class:`~miu_hooks.sampling.TrainBatchSampler`).
 
     With the collapse guard on (``config.guard``) and no ``val``, a seeded,
     group-stratified slice of ``retain`` is never drawn: :func:`prepare_miu`
@@ -66,7 +68,7 @@ def reweighted_loader(
         >>> ds = TensorDataset(torch.zeros(6, 2), torch.tensor([0, 0, 1, 1, 1, 1]),
         ...                    torch.tensor([0, 1, 2, 3, 2, 3]))
         >>> loader = reweighted_loader(ds, TensorDataset(*ds[:2]), batch_size=3)
-        >>> type(loader.sampler).__name__, len(loader)
+        >>> type(loader.index_sampler).__name__, len(loader)
         ('GroupReweightSampler', 2)
     """
     cfg = config or MIUConfig()

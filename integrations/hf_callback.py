@@ -27,7 +27,7 @@ from miu_hooks.integrations.hf_state import (
     save_state,
     trainer_precision,
 )
-from miu_hooks.integrations.loaders import EpochLoader, RankBatchSampler
+from miu_hooks.integrations.loaders import EpochLoader, RankBatchSampler, check_last_batch
 from miu_hooks.methods.base import ShuffleSampler
 from miu_hooks.sampling import GroupReweightSampler
 from miu_hooks.unlearn import check_split
@@ -38,6 +38,15 @@ from transformers import TrainerCallback  # noqa: E402
 __all__ = ["MIUCallback"]
 
 logger = logging.getLogger(__name__)
+
+
+def _keys(cfg: MIUConfig) -> dict[str, Any]:
+    return {
+        "input_key": cfg.input_key,
+        "label_key": cfg.label_key,
+        "group_key": cfg.group_key,
+        "id_key": cfg.id_key,
+    }
 
 
 class MIUCallback(TrainerCallback):
@@ -183,13 +192,22 @@ class MIUCallback(TrainerCallback):
             max_grad_norm=float(args.max_grad_norm) if args.max_grad_norm else None,
             batch_size=self.batch_size or args.per_device_train_batch_size,
         )
+        runtime = make_runtime(args, optimizer)
+        check_last_batch(
+            loader,
+            model,
+            what="the Trainer's retain loader",
+            fix="set TrainingArguments(dataloader_drop_last=True), or another batch size",
+            keys=_keys(run_cfg),
+            world_size=int(getattr(runtime, "world_size", 1)),
+        )
         self.handle = attach(
             model,
             run_cfg,
             num_groups=num_groups,
             original=self._original,
             feature_module=self.feature_module,
-            runtime=make_runtime(args, optimizer),
+            runtime=runtime,
             tap_when="train",
         )
         hooks.attach_loss(self.handle, add_to_loss=not self.subclassed)

@@ -28,12 +28,18 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
+from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from miu_hooks.errors import ConfigError
+from miu_hooks.data_checks import batch_of_one_problem, one_sample_inputs
+from miu_hooks.errors import ConfigError, ModelError
+from miu_hooks.sampling import TrainBatchSampler
 
 __all__ = [
     "EndingLoader",
+    "check_last_batch",
+    "last_batch_size",
     "EpochLoader",
     "RankBatchSampler",
     "batch_sampler_chain",
@@ -124,6 +130,70 @@ def replace_index_sampler(loader: Any, sampler: Any) -> None:
             node.sampler = sampler
 
 
+def last_batch_size(loader: Any) -> int | None:
+    """The size of the last batch ``loader`` yields on one process (``None``: unknown).
+
+    Read off its innermost batch sampler (batch size, ``drop_last``, the length
+    of the index sampler; a :class:`~miu_hooks.sampling.TrainBatchSampler`
+    merges a last single sample).
+
+    Example:
+        >>> last_batch_size(DataLoader(range(9), batch_size=4))
+        1
+        >>> last_batch_size(DataLoader(range(9), batch_sampler=TrainBatchSampler(range(9), 4)))
+        5
+    """
+    chain = batch_sampler_chain(loader)
+    node = chain[-1] if chain else None
+    size = getattr(node, "batch_size", None)
+    sampler = getattr(node, "sampler", None)
+    if not isinstance(size, int) or size < 1 or sampler is None or not hasattr(sampler, "__len__"):
+        return None
+    n = len(sampler)
+    full, rest = divmod(n, size)
+    if getattr(node, "drop_last", False) or (full and not rest):
+        return size if full else None
+    if rest == 1 and full and isinstance(node, TrainBatchSampler) and node.merge_single:
+        return size + 1
+    return rest
+
+
+def check_last_batch(
+    loader: Any,
+    model: nn.Module,
+    *,
+    what: str,
+    fix: str,
+    keys: dict[str, Any],
+    world_size: int = 1,
+) -> None:
+    """Refuse a loader whose last batch holds one sample when ``model`` cannot train on one.
+
+    Only on one process (Accelerate evens the last batches of several). The
+    probe is one training-mode forward on the first sample
+    (:func:`~miu_hooks.data_checks.batch_of_one_problem`; nothing is changed).
+
+    Raises:
+        ModelError: The last batch has one sample and the model's BatchNorm
+            layers cannot train on it; the message says ``what`` and ``fix``.
+    """
+    if world_size != 1 or last_batch_size(loader) != 1:
+        return
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or len(dataset) < 1:
+        return
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    inputs = one_sample_inputs(dataset, keys, device, getattr(loader, "collate_fn", None))
+    why = batch_of_one_problem(model, inputs)
+    if why is not None:
+        raise ModelError(
+            f"{what} ends with a batch of one sample ({len(dataset)} samples), and the model "
+            f"cannot take a training step on one ({why}; its BatchNorm layers need more than "
+            f"one value per channel): {fix}"
+        )
+
+
 class EndingLoader:
     """Iterate a prepared loader that the engine may abandon mid-epoch (critic tuning).
 
@@ -166,17 +236,22 @@ class RankBatchSampler(Sampler[list[int]]):
     batch_size`` would draw. A short last global batch is split evenly and, when
     it does not divide, topped up from the start of the stream so that every
     rank passes the same batch size to the MI all-gather. With one process this
-    is plain batching without ``drop_last``.
+    is plain batching without ``drop_last``. A last global batch that would give
+    each rank a single sample joins the global batch before it (BatchNorm cannot
+    train on one sample), so no rank gets a batch of one unless the stream
+    holds fewer samples than ranks or ``batch_size`` is 1.
 
     Raises:
         ConfigError: ``batch_size`` or ``world_size`` is below 1, or ``rank`` is
             not in ``[0, world_size)``.
 
     Example:
-        >>> list(RankBatchSampler(range(10), 2, rank=1, world_size=2))
-        [[2, 3], [6, 7], [9]]
-        >>> list(RankBatchSampler(range(5), 2, rank=1, world_size=2))
-        [[2, 3], [0]]
+        >>> list(RankBatchSampler(range(11), 2, rank=1, world_size=2))  # topped up
+        [[2, 3], [6, 7], [10, 0]]
+        >>> list(RankBatchSampler(range(10), 2, rank=1, world_size=2))  # no batch of one
+        [[2, 3], [7, 8, 9]]
+        >>> list(RankBatchSampler(range(9), 4))
+        [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
     """
 
     def __init__(
@@ -198,14 +273,23 @@ class RankBatchSampler(Sampler[list[int]]):
         if callable(set_epoch):
             set_epoch(epoch)
 
+    def _merges(self, n: int) -> bool:
+        """Whether the last global batch (of ``n`` samples) joins the one before it."""
+        step = self.batch_size * self.world_size
+        return self.batch_size > 1 and n > step and 0 < n % step <= self.world_size
+
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / (self.batch_size * self.world_size))
+        n = len(self.sampler)
+        return math.ceil(n / (self.batch_size * self.world_size)) - int(self._merges(n))
 
     def __iter__(self) -> Any:
         order = list(self.sampler)
         step = self.batch_size * self.world_size
-        for start in range(0, len(order), step):
-            chunk = order[start : start + step]
+        starts = list(range(0, len(order), step))
+        if self._merges(len(order)):
+            starts.pop()
+        for i, start in enumerate(starts):
+            chunk = order[start : starts[i + 1] if i + 1 < len(starts) else len(order)]
             share = math.ceil(len(chunk) / self.world_size)
             missing = share * self.world_size - len(chunk)
             if missing:
@@ -217,9 +301,9 @@ class EpochLoader(DataLoader):
     """A ``DataLoader`` over a :class:`RankBatchSampler` whose :meth:`set_epoch` reshuffles.
 
     Example:
-        >>> loader = EpochLoader(range(4), batch_sampler=RankBatchSampler(range(4), 3))
+        >>> loader = EpochLoader(range(5), batch_sampler=RankBatchSampler(range(5), 3))
         >>> [b.tolist() for b in loader]
-        [[0, 1, 2], [3]]
+        [[0, 1, 2], [3, 4]]
     """
 
     def set_epoch(self, epoch: int) -> None:

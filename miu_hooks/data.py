@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-from miu_hooks.errors import DataError, NoClassifierOutputError
+from miu_hooks.errors import DataError, NoClassifierOutputError, NonFiniteInputError
 
 __all__ = [
     "Batch",
@@ -24,6 +24,7 @@ __all__ = [
     "IndexedDataset",
     "dataset_groups",
     "forward_logits",
+    "raise_if_nonfinite_inputs",
     "split_batch",
 ]
 
@@ -69,6 +70,39 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+def raise_if_nonfinite_inputs(batch: Batch, where: str) -> None:
+    """Raise :class:`NonFiniteInputError` when a floating-point input of ``batch`` is NaN/Inf.
+
+    Called when a loss turns non-finite, so that bad data are not blamed on the
+    optimiser. The message names ``where`` and the batch's dataset positions
+    when it carries them.
+
+    Example:
+        >>> b = Batch(torch.tensor([[1.0], [float("nan")]]), torch.zeros(2), torch.zeros(2))
+        >>> raise_if_nonfinite_inputs(b, "the retain step")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        miu_hooks.errors.NonFiniteInputError: the inputs of 1 sample of the batch in the ...
+    """
+    values = batch.inputs.values() if isinstance(batch.inputs, dict) else [batch.inputs]
+    bad: Tensor | None = None
+    for value in values:
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 1:
+            rows = ~torch.isfinite(value.detach().reshape(value.shape[0], -1)).all(dim=1)
+            bad = rows if bad is None else bad | rows
+    if bad is None or not bool(bad.any()):
+        return
+    count = int(bad.sum())
+    where_in_data = ""
+    if batch.index is not None:
+        positions = batch.index[bad.to(batch.index.device)].tolist()[:5]
+        where_in_data = f" (dataset positions {', '.join(map(str, positions))}, counting from 0)"
+    raise NonFiniteInputError(
+        f"the inputs of {count} sample{'s' if count > 1 else ''} of the batch in {where} hold "
+        f"NaN or Inf{where_in_data}: the data are bad, not the training; fix or drop them"
+    )
 
 
 def _move(value: Any, device: torch.device | str) -> Any:

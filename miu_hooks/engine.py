@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from miu_hooks.clipping import adaptive_calibration_scale
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import Batch, forward_logits, split_batch
+from miu_hooks.data import Batch, forward_logits, raise_if_nonfinite_inputs, split_batch
 from miu_hooks.errors import ConfigError, ConfigTypeError, NonFiniteLossError
 from miu_hooks.estimators import MIEstimator
 from miu_hooks.functional import (
@@ -37,7 +37,7 @@ from miu_hooks.functional import (
 from miu_hooks.original import load_original
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
-from miu_hooks.taps import FeatureTap, infer_feature_dim, unwrap_model
+from miu_hooks.taps import FeatureTap, feature_width_error, infer_feature_dim, unwrap_model
 
 __all__ = ["MIUHandle", "attach", "batchnorm_buffers_restored", "resolve_original"]
 
@@ -145,6 +145,7 @@ class MIUHandle:
         self._original_scores: Tensor | None = None
         self.epoch = 0
         self.counters = {"tune": 0, "forget": 0, "retain": 0}
+        self.batch: Batch | None = None  # the batch being processed (blamed for NaN inputs)
         self.logs: dict[str, list[Tensor]] = {}
         self.enabled = True
         dim = infer_feature_dim(self.tap.module)
@@ -172,6 +173,9 @@ class MIUHandle:
         if self.critic_model is None:
             self._build_critics(int(z.shape[1]))
         assert self.critic_model is not None and self.critic_original is not None
+        if z.dim() != 2 or z.shape[1] != self.critic_model.feature_dim:
+            # The first forward of a run (critic tuning, before any model update) gets here.
+            raise feature_width_error(self.tap.name, z.shape, self.critic_model.feature_dim)
         return self.critic_model, self.critic_original
 
     @property
@@ -233,7 +237,8 @@ class MIUHandle:
                 id_key=cfg.id_key,
             )
         )
-        return batch.to(self.runtime.device)
+        self.batch = batch.to(self.runtime.device)
+        return self.batch
 
     # -- MI --------------------------------------------------------------------------
     def _marginal(self, n: int, device: torch.device) -> Tensor:
@@ -351,8 +356,10 @@ class MIUHandle:
 
     def retain_penalty(self, z_model: Tensor, batch: Batch) -> Tensor:
         """λ·(Î_u − sg Î_o)² on a retain batch, both with the same marginal groups."""
+        self.batch = batch
         cal = self._calibration(z_model, batch)
         self.check_finite(cal, "retain", "calibration")
+        self.counters["retain"] += 1
         return self.config.mi_weight * cal
 
     def _calibration(self, z_model: Tensor, batch: Batch) -> Tensor:
@@ -375,10 +382,12 @@ class MIUHandle:
         Under ``clip="adaptive"`` the calibration term is scaled by MINE's factor
         (:meth:`retain_objective`).
         """
+        self.batch = batch
         ce = checked_cross_entropy(logits, batch.labels)
         z_model = self.tap.pop()
         if not (self.enabled and self.config.calibrate and self.config.mi_weight > 0):
             self.check_finite(ce, "retain", "cross-entropy")
+            self.counters["retain"] += 1
             return ce
         cal = self._calibration(z_model, batch)
         loss = self.retain_objective(ce, self.config.mi_weight * cal)
@@ -387,6 +396,7 @@ class MIUHandle:
             self.check_finite(cal, "retain", "calibration")
             self.check_finite(loss, "retain", "CE + λ·calibration")
         self._log("miu/ce", ce)
+        self.counters["retain"] += 1
         return loss
 
     def retain_objective(self, ce: Tensor, term: Tensor) -> Tensor:
@@ -448,13 +458,26 @@ class MIUHandle:
 
     # -- bookkeeping -----------------------------------------------------------------------
     def check_finite(self, value: Tensor, phase: str, term: str) -> None:
-        """Raise :class:`NonFiniteLossError` naming the step when ``value`` is NaN/Inf."""
-        if not bool(torch.isfinite(value.detach()).all()):
-            raise NonFiniteLossError(
-                f"non-finite {term} ({float(value.detach().float().reshape(-1)[0])}) in the "
-                f"{phase} step at epoch {self.epoch} (steps so far: {self.counters}); "
-                "lower lr or mine_lr, or enable max_grad_norm"
-            )
+        """Raise when ``value`` is NaN/Inf: a data error if the batch's inputs are, else a loss one.
+
+        Raises:
+            NonFiniteInputError: The batch being processed holds NaN/Inf inputs.
+            NonFiniteLossError: The inputs are finite; the message names the step
+                and the steps finished before it.
+        """
+        if bool(torch.isfinite(value.detach()).all()):
+            return
+        c = self.counters
+        where = (
+            f"the {phase} step at epoch {self.epoch} (finished before it: {c['tune']} "
+            f"critic-tuning, {c['forget']} forget and {c['retain']} retain steps)"
+        )
+        if self.batch is not None:
+            raise_if_nonfinite_inputs(self.batch, where)
+        raise NonFiniteLossError(
+            f"non-finite {term} ({float(value.detach().float().reshape(-1)[0])}) in {where}; "
+            "lower lr or mine_lr, or enable max_grad_norm"
+        )
 
     def _log(self, key: str, value: Tensor) -> None:
         self.logs.setdefault(key, []).append(value.detach())

@@ -17,10 +17,12 @@ __all__ = [
     "EmptyGroupError",
     "FeatureModuleNotFoundError",
     "GroupRangeError",
+    "InputMismatchError",
     "LedgerError",
     "MIUError",
     "ModelError",
     "NoClassifierOutputError",
+    "NonFiniteInputError",
     "NonFiniteLossError",
     "OriginalMismatchError",
     "StateError",
@@ -54,6 +56,14 @@ class ModelError(MIUError, ValueError):
 
 class DataError(MIUError, ValueError):
     """A data set, batch or id list is malformed (missing column, wrong type...)."""
+
+
+class NonFiniteInputError(DataError):
+    """The input data hold NaN or Inf values (a data error, not a training one)."""
+
+
+class InputMismatchError(DataError, ModelError):
+    """The inputs do not fit the model: its forward fails on them (image size, channels...)."""
 
 
 class EmptyForgetSetError(DataError):

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import BatchSampler, Dataset, Sampler, WeightedRandomSampler
 
 from miu_hooks.errors import ConfigError, DataError
 from miu_hooks.functional import group_weights
 from miu_hooks.seeding import epoch_generator
 
-__all__ = ["GroupReweightSampler", "ResampledView"]
+__all__ = ["GroupReweightSampler", "ResampledView", "TrainBatchSampler"]
 
 
 class GroupReweightSampler(Sampler[int]):
@@ -160,3 +160,74 @@ class ResampledView(Dataset):
         if name in ("dataset", "sampler", "index_map"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class TrainBatchSampler(BatchSampler):
+    """Batches for training passes: never a last batch of one sample after full ones.
+
+    Batches ``sampler``'s indices ``batch_size`` at a time, like
+    :class:`~torch.utils.data.BatchSampler`, except that a last batch holding a
+    single sample joins the batch before it (``batch_size + 1`` samples): in
+    training mode BatchNorm cannot normalise one sample, and a one-sample step
+    is noise. Every sample of the epoch is still seen. A set of one sample
+    (or ``batch_size=1``) still gives batches of one; ``merge_single=False``
+    batches exactly as ``BatchSampler`` does (used under Accelerate's
+    multi-process sharding, which evens the last batches itself).
+
+    Args:
+        sampler: The index sampler (its ``set_epoch`` is forwarded).
+        batch_size: Samples per batch.
+        drop_last: Drop a last incomplete batch (as ``BatchSampler``).
+        merge_single: Merge a last batch of one into the batch before it.
+
+    Example:
+        >>> [len(b) for b in TrainBatchSampler(range(9), 4)]
+        [4, 5]
+        >>> [len(b) for b in TrainBatchSampler(range(10), 4)], len(TrainBatchSampler(range(9), 4))
+        ([4, 4, 2], 2)
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int] | Any,
+        batch_size: int,
+        drop_last: bool = False,
+        *,
+        merge_single: bool = True,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.merge_single = merge_single
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward ``epoch`` to the index sampler (reshuffle / redraw)."""
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+    def _merges(self, n: int) -> bool:
+        return self.merge_single and not self.drop_last and n > self.batch_size > 1 and (
+            n % self.batch_size == 1
+        )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.merge_single:
+            yield from super().__iter__()
+            return
+        held: list[int] | None = None
+        batch: list[int] = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                if held is not None:
+                    yield held
+                held, batch = batch, []
+        if len(batch) == 1 and held is not None and self.batch_size > 1 and not self.drop_last:
+            held, batch = held + batch, []
+        if held is not None:
+            yield held
+        if batch and not self.drop_last:
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return super().__len__() - int(self._merges(n))

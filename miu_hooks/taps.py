@@ -21,7 +21,13 @@ from miu_hooks.errors import (
     StateError,
 )
 
-__all__ = ["FeatureTap", "infer_feature_dim", "resolve_head", "unwrap_model"]
+__all__ = [
+    "FeatureTap",
+    "feature_width_error",
+    "infer_feature_dim",
+    "resolve_head",
+    "unwrap_model",
+]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -147,6 +153,22 @@ def infer_feature_dim(head: nn.Module) -> int | None:
         if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.LazyLinear)):
             return None
     return None
+
+
+def feature_width_error(name: str, shape: Any, want: int) -> FeatureModuleNotFoundError:
+    """The error for tapped features whose width is not the tapped layer's input width.
+
+    Example:
+        >>> str(feature_width_error("fc", (2, 6), 3))[:57]
+        "the input of the feature module 'fc' flattens to 6 values"
+    """
+    shape = tuple(shape)
+    got = shape[1] if len(shape) == 2 else "not 2-D"
+    return FeatureModuleNotFoundError(
+        f"the input of the feature module {name!r} flattens to {got} values per sample "
+        f"(shape {shape}), but it takes [batch, {want}] features: tap the layer that "
+        f"receives [batch, {want}] features (feature_module='dotted.name')"
+    )
 
 
 class FeatureTap:

@@ -16,10 +16,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from miu_hooks.config import TrainConfig
-from miu_hooks.data import dataset_groups, forward_logits, split_batch
+from miu_hooks.data import forward_logits
+from miu_hooks.data_checks import (
+    batch_of_one_problem,
+    dataset_labels_groups,
+    label_group_problems,
+    nonfinite_position,
+    one_sample_inputs,
+)
 from miu_hooks.errors import (
     ConfigError,
     DataError,
@@ -27,14 +34,22 @@ from miu_hooks.errors import (
     EmptyGroupError,
     FeatureModuleNotFoundError,
     GroupRangeError,
+    InputMismatchError,
     MIUError,
     ModelError,
+    NonFiniteInputError,
 )
 from miu_hooks.methods import ResolvedRun, resolve_run
 from miu_hooks.runtime import resolve_device
-from miu_hooks.taps import FeatureTap, infer_feature_dim
+from miu_hooks.taps import FeatureTap, feature_width_error, infer_feature_dim
 
-__all__ = ["RunCheck", "check_run", "raise_first", "split_problems", "validate"]
+__all__ = [
+    "RunCheck",
+    "check_run",
+    "raise_first",
+    "split_problems",
+    "validate",
+]
 
 
 def _listed(values: list[int], limit: int = 8) -> str:
@@ -120,6 +135,15 @@ class RunCheck:
     num_groups: int
 
 
+def _keys(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "input_key": cfg.input_key,
+        "label_key": cfg.label_key,
+        "group_key": cfg.group_key,
+        "id_key": cfg.id_key,
+    }
+
+
 def _one_forward(
     model: nn.Module,
     retain: Dataset,
@@ -127,26 +151,35 @@ def _one_forward(
     *,
     taps: bool,
     feature_module: str | nn.Module | None,
-) -> list[MIUError]:
-    """Evaluate ``model`` on ``retain[0]`` (eval mode, no grad) and check logits and features."""
-    item = retain[0]
-    batch = split_batch(
-        default_collate([item]),
-        input_key=cfg.input_key,
-        label_key=cfg.label_key,
-        group_key=cfg.group_key,
-        id_key=cfg.id_key,
-    )
+) -> tuple[list[MIUError], int | None]:
+    """Evaluate ``model`` on ``retain[0]`` (eval mode, no grad); return problems and classes."""
     param = next(model.parameters(), None)
-    batch.to(param.device if param is not None else torch.device("cpu"))
+    inputs = one_sample_inputs(retain, _keys(cfg), param.device if param is not None else
+                               torch.device("cpu"))  # fmt: skip
+    if isinstance(inputs, Tensor) and inputs.is_floating_point():
+        if not bool(torch.isfinite(inputs).all()):
+            return [NonFiniteInputError("retain set: sample 0's inputs hold NaN or Inf")], None
     tap = FeatureTap(model, feature_module, when="always") if taps else None
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
-            forward_logits(model, batch.inputs)  # raises NoClassifierOutputError
+        try:
+            with torch.no_grad():
+                logits = forward_logits(model, inputs)  # raises NoClassifierOutputError
+        except MIUError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            shape = tuple(inputs.shape[1:]) if isinstance(inputs, Tensor) else None
+            err = InputMismatchError(
+                "the model's forward fails on one retain sample"
+                + (f" (inputs of shape {list(shape)})" if shape is not None else "")
+                + f": {type(exc).__name__}: {' '.join(str(exc).split())}"
+            )
+            err.__cause__ = exc
+            return [err], None
+        classes = int(logits.shape[1])
         if tap is None:
-            return []
+            return [], classes
         z = tap.peek()
         if z is None:
             return [
@@ -154,23 +187,40 @@ def _one_forward(
                     f"the feature module {tap.name!r} is not called by the model's forward: "
                     "pass the classification head as feature_module='dotted.name'"
                 )
-            ]
+            ], classes
         want = infer_feature_dim(tap.module)
         if want is not None and z.shape[1] != want:
-            return [
-                FeatureModuleNotFoundError(
-                    f"the input of the feature module {tap.name!r} flattens to {z.shape[1]} "
-                    f"values per sample (shape {tuple(z.shape)}), but its first linear layer "
-                    f"takes {want}: tap the layer that receives [batch, {want}] features "
-                    "(feature_module='dotted.name')"
-                )
-            ]
-        return []
+            return [feature_width_error(tap.name, z.shape, want)], classes
+        return [], classes
     finally:
         if tap is not None:
             tap.remove()
         for module, mode in modes.items():
             module.training = mode
+
+
+def _batch_of_one(
+    model: nn.Module, retain: Dataset, forget: Dataset, cfg: TrainConfig
+) -> list[MIUError]:
+    """A model that cannot train on one sample, in a run that would feed it one."""
+    sizes = {"retain": len(retain), "forget": len(forget)}  # type: ignore[arg-type]
+    single = [name for name, n in sizes.items() if n == 1]
+    batch_sizes = [cfg.batch_size, getattr(cfg, "scrub_retain_batch_size", None)]
+    if not single and 1 not in batch_sizes:
+        return []
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    why = batch_of_one_problem(model, one_sample_inputs(retain, _keys(cfg), device))
+    if why is None:
+        return []
+    cause = f"the {single[0]} set has one sample" if single else "batch size 1 gives batches of one"
+    return [
+        ModelError(
+            f"{cause}, and the model cannot take a training step on one sample ({why}; its "
+            "BatchNorm layers need more than one value per channel): "
+            + (f"give the {single[0]} set at least 2 samples" if single else "use batch_size >= 2")
+        )
+    ]
 
 
 def check_run(
@@ -199,24 +249,35 @@ def check_run(
         except MIUError as exc:
             problems.append(exc)
     empty = torch.zeros(0, dtype=torch.long)
-    groups: list[Tensor] = []
+    columns: list[tuple[Tensor, Tensor]] = []
     for name, dataset in (("retain", retain), ("forget", forget)):
         try:
-            groups.append(dataset_groups(dataset, cfg.group_key))
+            columns.append(dataset_labels_groups(dataset, cfg.label_key, cfg.group_key))
         except MIUError as exc:
             problems.append(type(exc)(f"{name} set: {exc}"))
     retain_groups, train_groups, n = empty, empty, num_groups or 1
-    if len(groups) == 2:
-        found, train_groups, n = split_problems(groups[0], groups[1], num_groups)
-        retain_groups = groups[0]
+    if len(columns) == 2:
+        found, train_groups, n = split_problems(columns[0][1], columns[1][1], num_groups)
+        retain_groups = columns[0][1]
         problems.extend(found)
+    for name, dataset in (("retain", retain), ("forget", forget)):
+        bad = nonfinite_position(dataset)
+        if bad is not None:
+            problems.append(
+                NonFiniteInputError(f"{name} set: the inputs of sample {bad} hold NaN or Inf "
+                                    "(positions count from 0): fix or drop those samples")
+            )  # fmt: skip
+    classes: int | None = None
     if retain_groups.numel():
         with torch.random.fork_rng(devices=[]):
             try:
                 taps = run is not None and run.method_class.needs_features
-                problems.extend(
-                    _one_forward(model, retain, cfg, taps=taps, feature_module=feature_module)
+                found, classes = _one_forward(
+                    model, retain, cfg, taps=taps, feature_module=feature_module
                 )
+                problems.extend(found)
+                if not found:
+                    problems.extend(_batch_of_one(model, retain, forget, cfg))
             except MIUError as exc:
                 problems.append(exc)
             except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
@@ -226,6 +287,18 @@ def check_run(
                 )
                 err.__cause__ = exc
                 problems.append(err)
+    if len(columns) == 2:
+        for name, (labels, groups) in zip(("retain", "forget"), columns, strict=True):
+            problems.extend(
+                label_group_problems(
+                    name,
+                    labels,
+                    groups,
+                    num_groups=n,
+                    num_sensitive=cfg.num_sensitive,
+                    num_classes=classes,
+                )
+            )
     return RunCheck(problems, run, retain_groups, train_groups, n)
 
 

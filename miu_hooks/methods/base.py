@@ -11,10 +11,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from miu_hooks.config import TrainConfig
-from miu_hooks.data import Batch, IndexedDataset, forward_logits, split_batch
+from miu_hooks.data import (
+    Batch,
+    IndexedDataset,
+    forward_logits,
+    raise_if_nonfinite_inputs,
+    split_batch,
+)
 from miu_hooks.errors import NonFiniteLossError, StateError
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.runtime import Runtime
+from miu_hooks.sampling import TrainBatchSampler
 from miu_hooks.seeding import epoch_generator
 
 __all__ = [
@@ -107,11 +114,47 @@ class ShuffleSampler(Sampler[int]):
 
 
 class SeededLoader(DataLoader):
-    """A ``DataLoader`` whose :meth:`set_epoch` reaches its sampler."""
+    """A training ``DataLoader``: batches of a :class:`~miu_hooks.sampling.TrainBatchSampler`.
+
+    ``sampler`` draws the indices and :meth:`set_epoch` reaches it. A last
+    batch of one sample joins the batch before it (BatchNorm cannot train on
+    one sample), unless ``merge_single=False``.
+
+    Args:
+        dataset: The data set.
+        sampler: The index sampler (e.g. :class:`ShuffleSampler`).
+        batch_size: Samples per batch.
+        drop_last: Drop a last incomplete batch.
+        merge_single: Merge a last batch of one sample into the batch before it.
+        **kwargs: Other ``DataLoader`` arguments (``num_workers``, ``collate_fn``...).
+
+    Example:
+        >>> loader = SeededLoader(range(9), sampler=ShuffleSampler(9), batch_size=4)
+        >>> [len(b) for b in loader], loader.index_sampler.size
+        ([4, 5], 9)
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        sampler: Any,
+        batch_size: int = 1,
+        drop_last: bool = False,
+        merge_single: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        batches = TrainBatchSampler(sampler, batch_size, drop_last, merge_single=merge_single)
+        super().__init__(dataset, batch_sampler=batches, **kwargs)
+
+    @property
+    def index_sampler(self) -> Any:
+        """The sampler that draws the indices (``DataLoader.sampler`` is a placeholder)."""
+        return self.batch_sampler.sampler  # type: ignore[union-attr]
 
     def set_epoch(self, epoch: int) -> None:
-        """Forward ``epoch`` to the sampler (reshuffle / redraw)."""
-        set_epoch = getattr(self.sampler, "set_epoch", None)
+        """Forward ``epoch`` to the index sampler (reshuffle / redraw)."""
+        set_epoch = getattr(self.index_sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
 
@@ -137,6 +180,10 @@ class RunContext:
         feature_module: Head override for feature taps.
         original_factory: Builds the frozen original model on first use.
         progress: Wraps an iterable with a progress bar (identity when quiet).
+        epoch: The epoch being run.
+        logs: Values the method logged this epoch.
+        steps: Optimizer steps finished so far, per phase (named in error messages).
+        batch: The batch being processed (its inputs are checked when a loss is NaN/Inf).
     """
 
     model: nn.Module
@@ -156,6 +203,8 @@ class RunContext:
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda it, _desc: it
     epoch: int = 0
     logs: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    batch: Batch | None = None
     _original: nn.Module | None = None
 
     @property
@@ -202,12 +251,21 @@ class RunContext:
         """Check ``loss`` is finite, back-propagate, (mask,) clip and step the model.
 
         Raises:
+            NonFiniteInputError: ``loss`` is NaN or Inf and so are inputs of the
+                current batch (the data are bad, not the training).
             NonFiniteLossError: ``loss`` is NaN or Inf; weights are left as they were.
         """
         if not bool(torch.isfinite(loss.detach()).all()):
+            done = ", ".join(f"{n} {p}" for p, n in self.steps.items()) or "none"
+            where = (
+                f"the {phase} step at epoch {self.epoch} ({phase} step "
+                f"{self.steps.get(phase, 0) + 1} of the run; steps finished before it: {done})"
+            )
+            if self.batch is not None:
+                raise_if_nonfinite_inputs(self.batch, where)
             raise NonFiniteLossError(
-                f"non-finite loss ({float(loss.detach().float())}) in the {phase} step at "
-                f"epoch {self.epoch}; lower lr or enable max_grad_norm"
+                f"non-finite loss ({float(loss.detach().float())}) in {where}; lower lr or "
+                "enable max_grad_norm"
             )
         rt, cfg = self.runtime, self.config
         self.optimizer.zero_grad(set_to_none=True)
@@ -219,11 +277,14 @@ class RunContext:
         if cfg.max_grad_norm is not None:
             rt.clip_grad_norm(self.optimizer, self.model.parameters(), cfg.max_grad_norm)
         rt.step(self.optimizer)
+        self.steps[phase] = self.steps.get(phase, 0) + 1
 
     def batches(self, loader: Iterable[Any], desc: str) -> Iterator[Batch]:
         """Iterate ``loader`` (with a progress bar), yielding device batches."""
         for raw in self.progress(loader, desc):
-            yield self.split(raw)
+            self.batch = self.split(raw)
+            yield self.batch
+        self.batch = None
 
 
 class UnlearningMethod:

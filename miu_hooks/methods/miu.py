@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, SequentialSampler
 
 from miu_hooks.config import MIUConfig
 from miu_hooks.engine import MIUHandle, attach
 from miu_hooks.methods import register_method
-from miu_hooks.methods.base import RunContext, UnlearningMethod, indexed
+from miu_hooks.methods.base import RunContext, SeededLoader, UnlearningMethod, indexed
 
 __all__ = ["MIU", "is_deterministic"]
 
@@ -78,13 +78,13 @@ class MIU(UnlearningMethod):
             cfg.feature_cache == "auto" and is_deterministic(ctx.train)
         )
         if cache:
-            loader = DataLoader(
+            size = len(ctx.train)  # type: ignore[arg-type]
+            loader = SeededLoader(  # no batch of one: original_mode="train" runs BatchNorm
                 indexed(ctx.train),
+                sampler=SequentialSampler(range(size)),
                 batch_size=max(cfg.batch_size, 256),
-                shuffle=False,
                 num_workers=cfg.num_workers,
             )
-            size = len(ctx.train)  # type: ignore[arg-type]
             self.handle.build_feature_cache(ctx.progress(loader, "caching original features"), size)
             logger.info("cached original-model features of %d samples", size)
 

@@ -97,7 +97,7 @@ class SCRUB(UnlearningMethod):
         base = ctx.retain_loader
         self.retain_loader = SeededLoader(
             base.dataset,
-            sampler=base.sampler,
+            sampler=base.index_sampler,
             batch_size=cfg.scrub_retain_batch_size or cfg.batch_size,
             num_workers=cfg.num_workers,
         )

@@ -61,8 +61,13 @@ def _data(n: int = 96, seed: int = 0, num_classes: int = 2, ratio: float = 0.75)
     forget = pool[: math.floor(ratio * len(pool))]
     keep = torch.ones(n, dtype=torch.bool)
     keep[forget] = False
-    if num_classes > 2:  # labels stay consistent with groups only for K = 2
+    if num_classes > 2:  # K classes: groups s + 2y, the forget group stays y=1, s=1
         y = torch.randint(0, num_classes, (n,), generator=gen)
+        g = s + 2 * y
+        pool = torch.nonzero(g == FORGET_GROUP).reshape(-1)
+        forget = pool[: math.floor(ratio * len(pool))]
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[forget] = False
     retain_ds = GroupTensorDataset(x[keep], y[keep], g[keep])
     forget_ds = GroupTensorDataset(x[forget], y[forget], g[forget])
     return retain_ds, forget_ds
@@ -88,6 +93,11 @@ def _sgd_cfg(cls: type[TrainConfig] = TrainConfig, **kw: Any) -> Any:
         momentum=0.0, weight_decay=0.0, scheduler="constant", max_grad_norm=None
     )
     return _cfg(cls, **{**base, "batch_size": 512, **kw})
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    """Batches of a training pass: a last batch of one joins the one before it."""
+    return math.ceil(n / batch_size) - int(n > batch_size > 1 and n % batch_size == 1)
 
 
 class Recorder:
@@ -191,9 +201,9 @@ def test_random_labels_trains_forget_batches_on_uniform_labels(monkeypatch) -> N
     rec = Recorder()
     epochs = 6
     unlearn(_net(out=3), retain, forget, config=_cfg(epochs=epochs), method="random_labels",
-            num_groups=4, progress=rec)  # fmt: skip
+            num_groups=6, progress=rec)  # fmt: skip
     assert [p for p, _ in rec.order] == (
-        ["forget"] * math.ceil(len(forget) / 8) + ["retain"] * math.ceil(len(retain) / 8)
+        ["forget"] * n_batches(len(forget), 8) + ["retain"] * n_batches(len(retain), 8)
     ) * epochs  # one forget pass, then one retain pass, every epoch
     assert len(seen) == len(rec.order)
     pairs = list(zip(rec.order, seen, strict=True))
@@ -434,14 +444,15 @@ def test_scrub_teacher_runs_in_eval_mode_and_retain_batches_are_resized() -> Non
     unlearn(_net(dropout=0.5), retain, forget, config=cfg, method="scrub", original=teacher,
             progress=rec)  # fmt: skip
     assert modes and not any(modes)
-    assert len(rec.sizes["forget"]) == 2 * math.ceil(len(forget) / 8)  # e < E_f only
+    assert len(rec.sizes["forget"]) == 2 * n_batches(len(forget), 8)  # e < E_f only
     retain_sizes = rec.sizes["retain"]
-    assert len(retain_sizes) == 3 * math.ceil(len(retain) / 5) and max(retain_sizes) == 5
+    assert len(retain_sizes) == 3 * n_batches(len(retain), 5) and max(retain_sizes) == 5
     # None: the min step's batches are the run's batch_size.
     rec = Recorder()
     cfg = _cfg(SCRUBConfig, epochs=1, forget_epochs=0, batch_size=7, scrub_retain_batch_size=None)
     unlearn(_net(), retain, forget, config=cfg, original=teacher, progress=rec)
-    assert max(rec.sizes["retain"]) == 7 and "forget" not in rec.sizes
+    assert len(retain) == 78 and "forget" not in rec.sizes
+    assert rec.sizes["retain"] == [7] * 10 + [8]  # 78 = 11·7 + 1: the single one joins a batch
 
 
 # -- every method, with and without REWEIGHT ------------------------------------------------------

@@ -13,6 +13,7 @@ from miu_hooks import (
     EmptyGroupError,
     FeatureModuleNotFoundError,
     GroupRangeError,
+    InputMismatchError,
     MIUConfig,
     ModelError,
     NoClassifierOutputError,
@@ -140,6 +141,8 @@ def test_output_and_forward_failures_are_model_problems():
     _, retain, forget = toy_split()
     problems = validate(NoLogits(), retain, forget, TrainConfig(), method="finetune")
     assert [type(p) for p in problems] == [NoClassifierOutputError]
+    # A forward that fails on the data: the inputs do not fit the model (still a ModelError).
     problems = validate(nn.Linear(7, 2), retain, forget, TrainConfig(), method="finetune")
-    assert [type(p) for p in problems] == [ModelError]
-    assert "forward on one retain sample failed" in str(problems[0])
+    assert [type(p) for p in problems] == [InputMismatchError]
+    assert isinstance(problems[0], ModelError) and isinstance(problems[0], DataError)
+    assert "forward fails on one retain sample (inputs of shape [5])" in str(problems[0])
