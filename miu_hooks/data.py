@@ -109,17 +109,24 @@ def _move(value: Any, device: torch.device | str) -> Any:
     return value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
 
 
+def _columns(mapping: Mapping[str, Any]) -> list[str]:
+    """The data's columns, for messages (without the position the library attaches)."""
+    return sorted(k for k in mapping if k != "__index__")
+
+
 def _pick(mapping: Mapping[str, Any], key: str | None, candidates: Sequence[str], what: str) -> str:
     if key is not None:
         if key not in mapping:
-            raise DataError(f"batch has no {what} column {key!r}; columns are {sorted(mapping)}")
+            raise DataError(
+                f"batch has no {what} column {key!r}; columns are {_columns(mapping)}"
+            )
         return key
     for cand in candidates:
         if cand in mapping:
             return cand
     raise DataError(
         f"batch has no {what} column (looked for {', '.join(candidates)}); "
-        f"columns are {sorted(mapping)}; set the {what} key in MIUConfig"
+        f"columns are {_columns(mapping)}; set the {what} key ({what}_key) in the config"
     )
 
 
@@ -160,7 +167,9 @@ def split_batch(
     if isinstance(batch, Mapping):
         lkey = _pick(batch, label_key, LABEL_KEYS, "label")
         if group_key not in batch:
-            raise DataError(f"batch has no group column {group_key!r}; columns are {sorted(batch)}")
+            raise DataError(
+                f"batch has no group column {group_key!r}; columns are {_columns(batch)}"
+            )
         index = batch.get("__index__")
         if input_key is not None or "input_ids" not in batch:
             ikey = _pick(batch, input_key, INPUT_KEYS, "input")
@@ -330,7 +339,7 @@ def dataset_groups(dataset: Dataset, group_key: str = "group") -> Tensor:
         if isinstance(item, Mapping):
             if group_key not in item:
                 raise DataError(
-                    f"dataset item {i} has no group column {group_key!r}; keys are {sorted(item)}"
+                    f"dataset item {i} has no group column {group_key!r}; keys are {_columns(item)}"
                 )
             groups.append(int(item[group_key]))
         elif isinstance(item, (tuple, list)) and len(item) >= 3:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from miu_hooks.data import forward_logits, split_batch
-from miu_hooks.errors import DataError, EmptyForgetSetError, GroupRangeError
+from miu_hooks.errors import ConfigTypeError, DataError, EmptyForgetSetError, GroupRangeError
 from miu_hooks.functional import group_counts
 from miu_hooks.metrics import (
     GroupIds,
@@ -242,6 +242,7 @@ def evaluate(
         group_key: Group column of mapping items.
 
     Raises:
+        ConfigTypeError: ``reference`` is not a Report or mapping (e.g. a model).
         EmptyForgetSetError: The forget set has no sample.
         GroupRangeError: A group id or label is out of range.
         DataError: Another set is empty, or an EO cell or the forget group has no test sample.
@@ -253,6 +254,11 @@ def evaluate(
         >>> r["RA"], r["EO"], r["GA"], r.per_group
         (100.0, 0.0, 100.0, {0: 100.0, 1: 100.0, 2: 100.0, 3: 100.0})
     """
+    if reference is not None and not isinstance(reference, Mapping):
+        raise ConfigTypeError(
+            f"reference must be the Report of a reference model (e.g. reference=evaluate("
+            f"retrained, ...)), not a {type(reference).__name__}: evaluate that model first"
+        )
     if len(forget) == 0:  # type: ignore[arg-type]
         raise EmptyForgetSetError("the forget set is empty: nothing to evaluate unlearning on")
     if device is None:

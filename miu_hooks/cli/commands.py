@@ -102,7 +102,8 @@ class _Group(click.Group):
             return None
         except KeyboardInterrupt as exc:
             resume = ctx.meta.get("miu_resume_hint", "")
-            click.echo(f"miu-unlearn: interrupted ({exc or 'Ctrl-C'}){resume}", err=True)
+            why = str(exc) or "Ctrl-C"  # a plain KeyboardInterrupt has no message
+            click.echo(f"miu-unlearn: interrupted ({why}){resume}", err=True)
             raise click.exceptions.Exit(exit_code(exc)) from None
         except MIUError as exc:
             click.echo(f"miu-unlearn: error: {_one_line(exc)}", err=True)
@@ -348,6 +349,12 @@ def cli(ctx: click.Context, **opts: Any) -> None:
     console.log(f"forgetting {len(prep.plan.forget)} of {len(prep.data)} samples:")
     _print_counts(prep, console.log)
     console.log("EO and GA refer to group(s) " + ", ".join(map(str, prep.forget_groups)))
+    forget_epochs = getattr(config, "forget_epochs", None)
+    if forget_epochs is not None and forget_epochs > config.epochs:
+        console.log(
+            f"note: forget epochs ({forget_epochs}) exceed epochs ({config.epochs}): every "
+            f"epoch has a forget pass, {config.epochs} in all"
+        )
     _check_method_and_device(method, config.device)
     ctx.meta["miu_resume_hint"] = (
         f"; finished work is kept in {work_dir(prep.out)}: rerun with --resume to continue"
@@ -398,10 +405,12 @@ def demo(
 
 @cli.command()
 def methods() -> None:
-    """List the registered unlearning methods (imports torch)."""
-    from miu_hooks.methods import available_methods
+    """List the methods: name, settings class, and whether REWEIGHT runs (imports torch)."""
+    from miu_hooks.methods import describe_methods
 
-    click.echo("\n".join(available_methods()))
+    rows = describe_methods()
+    width = max(len(name) for name, _, _ in rows)
+    click.echo("\n".join(f"{name:<{width}}  {cls:<14}  {what}" for name, cls, what in rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,9 +22,11 @@ from miu_hooks.errors import (
     EmptyGroupError,
     FeatureModuleNotFoundError,
     GroupRangeError,
+    InputMismatchError,
     LedgerError,
     MIUError,
     NoClassifierOutputError,
+    NonFiniteInputError,
     NonFiniteLossError,
     OriginalMismatchError,
 )
@@ -88,7 +90,11 @@ class Interrupted(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(f"stopped by signal {signum}")
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        super().__init__(name)
         self.signum = int(signum)
 
 
@@ -107,7 +113,7 @@ EXIT_CODES: tuple[tuple[int, type[BaseException] | None, str], ...] = (
     (7, ForgetListError, "forget CSV unreadable, header-less, non-integer/duplicate/unknown ids"),
     (8, EmptyForgetSetError, "the forget list is empty"),
     (9, EmptyGroupError, "the forget list removes every sample of a group"),
-    (10, GroupRangeError, "a label or group id is out of range"),
+    (10, GroupRangeError, "a label or group id is out of range, or a group contradicts its label"),
     (11, FeatureModuleNotFoundError, "the classification head (feature tap) was not found"),
     (12, NoClassifierOutputError, "the model output carries no [batch, classes] logits"),
     (13, NonFiniteLossError, "a loss became NaN/Inf during the run (nothing was written)"),
@@ -116,6 +122,8 @@ EXIT_CODES: tuple[tuple[int, type[BaseException] | None, str], ...] = (
     (16, MIUError, "another miu_hooks error"),
     (17, OriginalMismatchError, "the original model's file has another sha256 than the ledger's"),
     (18, LedgerError, "the input's ledger.json is unreadable or does not fit the data or options"),
+    (19, InputMismatchError, "the inputs do not fit the model (e.g. --image-size, --test size)"),
+    (20, NonFiniteInputError, "the input data hold NaN or Inf (the row is named)"),
     (130, KeyboardInterrupt, "interrupted by Ctrl-C (SIGINT); rerun with --resume"),
     (143, Interrupted, "terminated by SIGTERM; rerun with --resume"),
 )

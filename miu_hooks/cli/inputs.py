@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from miu_hooks.cli.checks import check_group_names, check_labels_match_groups
 from miu_hooks.cli.data_index import Columns, DataIndex, read_data_index
 from miu_hooks.cli.errors import (
     ArchitectureError,
@@ -85,7 +86,11 @@ def _header(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def resolve_model_source(
-    model: str | Path, arch: str | None = None, *, default_config: Path | None = None
+    model: str | Path,
+    arch: str | None = None,
+    *,
+    default_config: Path | None = None,
+    what: str = "model",
 ) -> ModelSource:
     """Find the weights and the architecture of ``--model`` (a file or a folder).
 
@@ -94,6 +99,7 @@ def resolve_model_source(
         arch: ``package.module:factory``; takes precedence over a ``config.json``.
         default_config: Folder whose ``config.json`` is used when none lies beside
             the weights (references share the model's architecture).
+        what: How messages name it (``"reference 'Retrain'"`` for ``--reference``).
 
     Raises:
         InputNotFoundError: The path, or the folder's ``model.safetensors``, is missing.
@@ -102,7 +108,7 @@ def resolve_model_source(
     """
     path = Path(model).expanduser()
     if not path.exists():
-        raise InputNotFoundError(f"model not found: {path}")
+        raise InputNotFoundError(f"{what} not found: {path}")
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
         hint = ""
@@ -110,7 +116,7 @@ def resolve_model_source(
             hint = " (sharded checkpoints are not supported; save with a larger max_shard_size)"
         elif any(path.glob("*.bin")):
             hint = " (only safetensors are read; re-save with safe_serialization=True)"
-        raise InputNotFoundError(f"no {WEIGHTS_NAME} in {path}{hint}")
+        raise InputNotFoundError(f"{what}: no {WEIGHTS_NAME} in {path}{hint}")
     shapes = _header(weights)
     if arch is not None:
         if not _ARCH.match(arch):
@@ -307,7 +313,28 @@ def check_output(out: str | Path, inputs: Iterable[Path], *, overwrite: bool = F
         os.rmdir(tempfile.mkdtemp(prefix=".miu-probe-", dir=base))
     except OSError as exc:
         raise OutputError(f"output folder {target} is not writable ({exc})") from exc
+    if target.is_dir():
+        _check_replaceable(target)
     return target
+
+
+def _check_replaceable(target: Path) -> None:
+    """Rename an existing output folder away and back: the run's last step does that rename.
+
+    An immutable or busy folder (``chattr +i``, a mount point) cannot be swapped
+    out, which would otherwise be found only after the whole run.
+    """
+    probe = target.parent / f".{target.name}.miu-probe-{os.getpid()}"
+    try:
+        os.rename(target, probe)
+    except OSError as exc:
+        raise OutputError(
+            f"output folder {target} exists but cannot be replaced ({exc}); choose another --out"
+        ) from exc
+    try:
+        os.rename(probe, target)
+    except OSError as exc:  # pragma: no cover - the rename just worked the other way
+        raise OutputError(f"could not move {probe} back to {target} ({exc}); rename it") from exc
 
 
 @dataclass(frozen=True)
@@ -382,7 +409,9 @@ def prepare(
 
     source = resolve_model_source(model, arch)
     refs = {
-        name: resolve_model_source(path, arch, default_config=source.config_dir)
+        name: resolve_model_source(
+            path, arch, default_config=source.config_dir, what=f"--reference {name!r}"
+        )
         for name, path in (references or {}).items()
     }
     index = read_data_index(data, columns, split=split)
@@ -391,6 +420,9 @@ def prepare(
         for k, v in (("test", test), ("val", val))
     }
     forget_list = read_forget_list(forget, id_column)
+    for what, idx in (("data", index), *evals.items()):
+        if idx is not None:
+            check_labels_match_groups(idx, num_sensitive, what)
     every = [index] + [e for e in evals.values() if e is not None]
     low = min(int(e.groups.min()) if len(e) else 0 for e in every)
     high = max(int(e.groups.max()) if len(e) else -1 for e in every) + 1
@@ -398,6 +430,7 @@ def prepare(
         raise GroupRangeError(
             f"group ids must lie in [0, {num_groups or high}); found {low}..{high - 1}"
         )
+    check_group_names(group_names, num_groups or high)
     names = tuple(group_names) or index.group_names
     request = plan_request(source, index, forget_list, original=original, arch=arch)
     plan = plan_split(index, request.union, num_groups or high, names)

@@ -28,11 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from miu_hooks.cli.checks import row_name
 from miu_hooks.cli.data_index import DataIndex
 from miu_hooks.cli.errors import ArchitectureError, MissingDependencyError
 from miu_hooks.cli.inputs import ModelSource
 from miu_hooks.data import GroupTensorDataset
-from miu_hooks.errors import CheckpointError, DataError
+from miu_hooks.data_checks import nonfinite_position
+from miu_hooks.errors import CheckpointError, DataError, NonFiniteInputError
 from miu_hooks.original import load_weights
 
 __all__ = ["ImageDataset", "build_model", "image_settings", "load_dataset", "load_model"]
@@ -256,7 +258,13 @@ class ImageDataset(Dataset):
         return self.index.handle[i][self.index.keys["input"]]
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        return _to_tensor(self._image(i), self.side, self.mode), self.labels[i], self.groups[i]
+        inputs = _to_tensor(self._image(i), self.side, self.mode)
+        if not bool(torch.isfinite(inputs).all()):  # arrays of a datasets folder may hold NaN
+            raise NonFiniteInputError(
+                f"{self.index.path}: the inputs of {row_name(self.index, i)} hold NaN or Inf "
+                "(rows count from 0): fix or drop that sample"
+            )
+        return inputs, self.labels[i], self.groups[i]
 
 
 def load_dataset(index: DataIndex, *, side: int = 224, mode: str = "RGB") -> Dataset:
@@ -273,9 +281,16 @@ def load_dataset(index: DataIndex, *, side: int = 224, mode: str = "RGB") -> Dat
             inputs = load_file(str(index.path))[index.keys["input"]]
         except Exception as exc:  # safetensors raises its own error types
             raise DataError(f"cannot read inputs of {index.path} ({exc})") from exc
-        return GroupTensorDataset(
+        data = GroupTensorDataset(
             inputs, torch.from_numpy(index.labels), torch.from_numpy(index.groups)
         )
+        bad = nonfinite_position(data)
+        if bad is not None:
+            raise NonFiniteInputError(
+                f"{index.path}: the inputs of {row_name(index, bad)} hold NaN or Inf (rows "
+                "count from 0): fix or drop that sample"
+            )
+        return data
     if importlib.util.find_spec("PIL") is None:
         raise MissingDependencyError(f"{index.path} holds images: pip install 'miu-hooks[image]'")
     return ImageDataset(index, side, mode)

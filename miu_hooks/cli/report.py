@@ -59,20 +59,31 @@ class Console:
         return self._tqdm(iterable, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
     @contextlib.contextmanager
-    def counter(self, total: int, desc: str) -> Iterator[Callable[[], None]]:
-        """Yield a function that advances a transient bar of ``total`` steps."""
+    def counter(self, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+        """Yield ``show(done)``, which sets a transient bar of ``total`` steps to ``done``.
+
+        ``done`` is absolute, so a resumed run counts on from where it stopped.
+
+        Example:
+            >>> import contextlib, io
+            >>> err = io.StringIO()
+            >>> with contextlib.redirect_stderr(err):
+            ...     with Console(bars=False).counter(6, "miu epochs") as show:
+            ...         show(5); show(6)
+            >>> err.getvalue().splitlines()
+            ['miu epochs: 5/6', 'miu epochs: 6/6']
+        """
         if self._tqdm is None:
-            done = [0]
-
-            def tick() -> None:
-                done[0] += 1
-                self.log(f"{desc}: {done[0]}/{total}")
-
-            yield tick
+            yield lambda done: self.log(f"{desc}: {done}/{total}")
             return
         bar = self._tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+        def show(done: int) -> None:
+            bar.n = done
+            bar.refresh()
+
         try:
-            yield lambda: bar.update(1) and None
+            yield show
         finally:
             bar.close()
 

@@ -39,6 +39,7 @@ from miu_hooks.atomic import atomic_write_folder, atomic_write_text
 from miu_hooks.cli.chain import FORGOTTEN_FILE, LEDGER_FILE, Request, ledger_report, plan_request
 from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
 from miu_hooks.cli.load import image_settings, load_dataset, load_model
+from miu_hooks.cli.preflight import preflight
 from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
 from miu_hooks.config import TrainConfig
 from miu_hooks.data import GroupTensorDataset
@@ -278,6 +279,10 @@ def _execute(
             forget_groups=prep.forget_groups,
         )
 
+    evals = {k: (d, i) for k, d, i in (("--test", test, prep.test), ("--val", val, prep.val))
+             if d is not None and i is not None}  # fmt: skip
+    preflight(model, retain, forget, config, method=method, num_groups=plan.num_groups,
+              feature_module=feature_module, evals=evals)  # fmt: skip
     _open_work(work, fingerprint, resume, console)
     done = False
     try:
@@ -293,7 +298,7 @@ def _execute(
         guard: list[GuardOutcome] = []
         guard_notes: list[str] = []
         with (
-            console.counter(config.epochs, f"{method} epochs") as tick,
+            console.counter(config.epochs, f"{method} epochs") as show,
             _guard_messages(console, guard_notes),
         ):
             unlearn(
@@ -308,7 +313,7 @@ def _execute(
                 val=val,
                 state_dir=work,
                 resume=True,
-                on_epoch_end=lambda *_: tick(),
+                on_epoch_end=lambda epoch, _logs: show(epoch + 1),  # right after --resume
                 on_guard=guard.append,
                 progress=console.progress,
             )

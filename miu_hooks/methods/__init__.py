@@ -32,6 +32,7 @@ __all__ = [
     "UnlearningMethod",
     "available_methods",
     "config_class",
+    "describe_methods",
     "register_method",
     "resolve_run",
 ]
@@ -85,6 +86,28 @@ def available_methods() -> list[str]:
     """
     suffixed = [f"{n}{REWEIGHT_SUFFIX}" for n, c in METHODS.items() if c.reweight_rule == "by_name"]
     return sorted([*METHODS, *suffixed])
+
+
+def describe_methods() -> list[tuple[str, str, str]]:
+    """Return ``(name, settings class, what runs)`` for every accepted method name.
+
+    Example:
+        >>> rows = {name: what for name, _, what in describe_methods()}
+        >>> rows["retrain"], rows["retrain_reweight"]
+        ('REWEIGHT off', 'REWEIGHT on')
+        >>> rows["miu"]
+        'REWEIGHT on (reweight=False: the paper's ablation, no REWEIGHT)'
+    """
+    what = {
+        "default_on": "REWEIGHT on (reweight=False: the paper's ablation, no REWEIGHT)",
+        "not_applicable": "no retain pass (REWEIGHT does not apply)",
+    }
+    rows = []
+    for name in available_methods():
+        cls, suffixed = _lookup(name)
+        runs = what.get(cls.reweight_rule, "REWEIGHT on" if suffixed else "REWEIGHT off")
+        rows.append((name, cls.config_class.__name__, runs))
+    return rows
 
 
 def _lookup(method: str) -> tuple[type[UnlearningMethod], bool]:

@@ -532,7 +532,15 @@ def test_methods_subcommand_lists_the_registry() -> None:
     from miu_hooks.methods import available_methods
 
     res = run_runner(["methods"])
-    assert res.code == 0 and res.stdout.split() == available_methods()
+    rows = [line.split(None, 2) for line in res.stdout.splitlines()]
+    assert res.code == 0 and [r[0] for r in rows] == available_methods()
+    what = {name: (cls, runs) for name, cls, runs in rows}
+    # The name says what runs: X without REWEIGHT, X_reweight with it (MIU: on by default).
+    assert what["retrain"] == ("TrainConfig", "REWEIGHT off")
+    assert what["retrain_reweight"] == ("TrainConfig", "REWEIGHT on")
+    assert what["salun_reweight"] == ("SalUnConfig", "REWEIGHT on")
+    assert what["miu"][1].startswith("REWEIGHT on") and "ablation" in what["miu"][1]
+    assert what["neggrad"][1].startswith("no retain pass")
 
 
 def test_exit_codes_are_distinct() -> None:

@@ -135,7 +135,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_weights(
     stopped = interrupt(inputs, out, signal.SIGTERM)
     assert stopped.returncode == 143, stopped.stderr
     lines = stopped.stderr.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], lines
+    assert len(lines) == 1 and "interrupted (SIGTERM)" in lines[0] and "--resume" in lines[0]
     assert "Traceback" not in stopped.stderr
     # No half-written model: the output folder does not exist, only the work folder.
     assert not out.exists()
@@ -159,6 +159,9 @@ def test_sigterm_then_resume_gives_the_uninterrupted_weights(
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
+    # The epoch counter goes on from where the run stopped (not from 1).
+    counts = [ln.split(": ")[1] for ln in resumed.stderr.splitlines() if " epochs: " in ln]
+    assert counts == [f"{e}/{EPOCHS}" for e in range(done + 2, EPOCHS + 1)], resumed.stderr
     assert_same(load_file(str(out / "model.safetensors")), uninterrupted)
     assert not work_dir(out).exists()
 
@@ -169,7 +172,7 @@ def test_ctrl_c_then_resume_in_process(
     out = tmp_path / "out"
     stopped = interrupt(inputs, out, signal.SIGINT)
     assert stopped.returncode == 130, stopped.stderr
-    assert "interrupted" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert "interrupted (Ctrl-C)" in stopped.stderr and "Traceback" not in stopped.stderr
     assert not out.exists() and work_dir(out).is_dir()
     result = CliRunner().invoke(cli, args(inputs, out, "--resume"), catch_exceptions=False)
     assert result.exit_code == 0, result.stderr

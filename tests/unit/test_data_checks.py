@@ -193,3 +193,38 @@ def test_a_tap_of_the_wrong_width_is_found_on_the_first_forward_before_any_updat
         handle.epoch_start(0, optimizer=opt, forget_loader=loader, tune_loader=loader)
     handle.remove()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- messages -------------------------------------------------------------------------------------
+class Dicts(Dataset):
+    def __init__(self, ds: GroupTensorDataset, label: str) -> None:
+        self.ds, self.label = ds, label
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        x, y, g = self.ds[i]
+        return {"x": x, self.label: y, "group": g}
+
+
+def test_a_missing_label_column_lists_the_data_columns_only() -> None:
+    from miu_hooks.data import IndexedDataset, split_batch
+
+    retain, forget = split()
+    with pytest.raises(DataError, match="no label column") as e:
+        unlearn(net(), Dicts(retain, "target"), Dicts(forget, "target"), config=LOOP,
+                method="finetune")  # fmt: skip
+    assert "'target'" in str(e.value) and "__index__" not in str(e.value)
+    batch = torch.utils.data.default_collate([IndexedDataset(Dicts(retain, "target"))[0]])
+    with pytest.raises(DataError, match=r"columns are \['group', 'target', 'x'\]") as e:
+        split_batch(batch)
+    assert "__index__" not in str(e.value)
+
+
+def test_evaluate_refuses_a_model_as_reference() -> None:
+    from miu_hooks import ConfigTypeError, evaluate
+
+    retain, forget = split()
+    with pytest.raises(ConfigTypeError, match="reference must be the Report of a reference model"):
+        evaluate(net(), retain=retain, forget=forget, test=retain, reference=net())
