@@ -32,7 +32,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import dataset_groups, logits_of
+from miu_hooks.data import dataset_groups, logits_of, split_keys
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach
 from miu_hooks.errors import ConfigError
 from miu_hooks.guard import CollapseGuard
@@ -377,12 +377,7 @@ def _no_batch_of_one(model: nn.Module, cfg: MIUConfig, nproc: int, *loaders: Any
         for node in batch_sampler_chain(loader):
             if isinstance(node, TrainBatchSampler) and nproc > 1:
                 node.merge_single = False
-    keys = {
-        "input_key": cfg.input_key,
-        "label_key": cfg.label_key,
-        "group_key": cfg.group_key,
-        "id_key": cfg.id_key,
-    }
+    keys = split_keys(cfg)
     for what, loader in zip(("the retain loader", "the forget loader"), loaders, strict=True):
         check_last_batch(
             loader,

@@ -13,7 +13,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import dataset_groups
+from miu_hooks.data import dataset_groups, split_keys
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach, resolve_original
 from miu_hooks.errors import CheckpointError, ConfigError
 from miu_hooks.guard import CollapseGuard, build_guard
@@ -26,6 +26,7 @@ from miu_hooks.integrations.hf_state import (
     make_runtime,
     save_state,
     trainer_precision,
+    warn_if_weights_not_restored,
 )
 from miu_hooks.integrations.loaders import EpochLoader, RankBatchSampler, check_last_batch
 from miu_hooks.methods.base import ShuffleSampler
@@ -38,15 +39,6 @@ from transformers import TrainerCallback  # noqa: E402
 __all__ = ["MIUCallback"]
 
 logger = logging.getLogger(__name__)
-
-
-def _keys(cfg: MIUConfig) -> dict[str, Any]:
-    return {
-        "input_key": cfg.input_key,
-        "label_key": cfg.label_key,
-        "group_key": cfg.group_key,
-        "id_key": cfg.id_key,
-    }
 
 
 class MIUCallback(TrainerCallback):
@@ -198,7 +190,7 @@ class MIUCallback(TrainerCallback):
             model,
             what="the Trainer's retain loader",
             fix="set TrainingArguments(dataloader_drop_last=True), or another batch size",
-            keys=_keys(run_cfg),
+            keys=split_keys(run_cfg),
             world_size=int(getattr(runtime, "world_size", 1)),
         )
         self.handle = attach(
@@ -225,7 +217,7 @@ class MIUCallback(TrainerCallback):
             self.guard.start(self.handle.original, keep_weights=False)  # the original's accuracy
             self.guard.set_good(model, math.floor((state.epoch or 0.0) + 1e-6) - 1)
         if state.global_step > 0:
-            self._resume(args, state)
+            self._resume(args, state, model)
         if not self._placed:
             self._place_from_event()
 
@@ -415,12 +407,13 @@ class MIUCallback(TrainerCallback):
             "torch": torch.__version__,
         }
 
-    def _resume(self, args: Any, state: Any) -> None:
+    def _resume(self, args: Any, state: Any, model: nn.Module) -> None:
         assert self.handle is not None
         folder = self.resume_from or os.path.join(
             args.output_dir, f"checkpoint-{state.global_step}"
         )
         meta = load_state(folder, self.handle)
+        warn_if_weights_not_restored(model, folder)
         saved = meta.get("config", {})
         current = self.handle.config.to_dict()
         changed = sorted(

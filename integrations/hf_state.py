@@ -9,7 +9,9 @@ Kept apart from :mod:`miu_hooks.integrations.hf` so that each piece stays small:
 * :func:`install_sampler` swaps the sampler of the Trainer's prepared train
   loader for the REWEIGHT sampler (same length, so step counts stay valid);
 * :func:`save_state` / :func:`load_state` write and read ``miu_state.safetensors``
-  and ``miu_state.json`` inside a Trainer checkpoint folder.
+  and ``miu_state.json`` inside a Trainer checkpoint folder;
+  :func:`checkpoint_weights_restored` tells whether the Trainer's resume restored
+  the model weights of that folder.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ from miu_hooks.sampling import GroupReweightSampler
 __all__ = [
     "META_FILE",
     "STATE_FILE",
+    "checkpoint_weights_restored",
     "install_sampler",
     "load_state",
     "make_runtime",
     "save_state",
     "trainer_precision",
+    "warn_if_weights_not_restored",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,3 +184,51 @@ def load_state(folder: str | os.PathLike[str], handle: MIUHandle) -> dict[str, A
         raise CheckpointError(f"cannot read the MIU state {path}: {exc}") from exc
     handle.load_state_dict(tensors)
     return dict(meta)
+
+
+def checkpoint_weights_restored(
+    model: torch.nn.Module, folder: str | os.PathLike[str]
+) -> bool | None:
+    """Whether ``model`` holds the weights saved in the Trainer checkpoint ``folder``.
+
+    The checkpoint's ``model.safetensors`` is loaded into a hook-free copy of the
+    model (:func:`~miu_hooks.original.load_original`, which maps the keys
+    ``save_pretrained`` renames) and compared tensor by tensor. ``None`` when
+    that file is absent or cannot be loaded (sharded or FSDP checkpoints).
+    """
+    from miu_hooks.original import load_original
+    from miu_hooks.taps import unwrap_model
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return None
+    inner = unwrap_model(model)
+    try:
+        saved = load_original(inner, path)
+    except CheckpointError:
+        return None
+    current = inner.state_dict()
+    return all(
+        torch.equal(value.detach().cpu(), current[key].detach().cpu())
+        for key, value in saved.state_dict().items()
+    )
+
+
+def warn_if_weights_not_restored(model: torch.nn.Module, folder: str | os.PathLike[str]) -> None:
+    """Log what to do when a resumed Trainer did not restore the checkpoint's model weights."""
+    if checkpoint_weights_restored(model, folder) is not False:
+        return
+    import transformers
+
+    logger.warning(
+        "MIUCallback: the model's weights differ from those saved in %s: the Trainer "
+        "(transformers %s) did not restore them (for ViT-family models save_pretrained renames "
+        "the keys, and only from_pretrained maps them back), so the run would go on from the "
+        "weights it started with. Load them before resuming, after the Trainer and the callback "
+        "are built: trainer.model.load_state_dict(type(trainer.model).from_pretrained(%r)"
+        ".state_dict()), then trainer.train(resume_from_checkpoint=%r)",
+        folder,
+        transformers.__version__,
+        str(folder),
+        str(folder),
+    )

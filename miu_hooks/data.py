@@ -26,6 +26,7 @@ __all__ = [
     "forward_logits",
     "raise_if_nonfinite_inputs",
     "split_batch",
+    "split_keys",
 ]
 
 INPUT_KEYS = ("pixel_values", "input", "inputs", "x", "input_ids")
@@ -186,6 +187,22 @@ def split_batch(
         index = batch[3] if len(batch) == 4 else None
         return Batch(batch[0], _long(batch[1], "labels"), _long(batch[2], "groups"), index)
     raise DataError(f"unsupported batch type {type(batch).__name__}: use a tuple or a mapping")
+
+
+def split_keys(config: Any) -> dict[str, Any]:
+    """The column keys of a config, as :func:`split_batch`'s keyword arguments.
+
+    Example:
+        >>> from miu_hooks.config import TrainConfig
+        >>> split_keys(TrainConfig(label_key="y"))["label_key"]
+        'y'
+    """
+    return {
+        "input_key": config.input_key,
+        "label_key": config.label_key,
+        "group_key": config.group_key,
+        "id_key": config.id_key,
+    }
 
 
 def _long(value: Any, what: str) -> Tensor:

@@ -6,6 +6,7 @@ import copy
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a safetensors file into ``model`` with strict key and shape checks.
 
     Tied or shared tensors are handled as ``safetensors.torch.load_model`` does.
-    No pickle is ever read.
+    A Transformers model whose ``save_pretrained`` file names its tensors
+    differently (the keys Transformers renames on save) is loaded through
+    ``from_pretrained``, which maps them back. No pickle is ever read.
 
     Raises:
         CheckpointError: The file is missing or unreadable, or its keys/shapes
@@ -97,6 +100,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     # Tied weights are stored once; accept a file that omits a key whose tensor
     # is shared with a stored one (load_model resolves those).
     diff = _diff(expected, found)
+    if set(found) != set(expected) and _load_with_transformers(model, path):
+        return model  # a save_pretrained file whose keys transformers renames on save
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as exc:
@@ -106,6 +111,47 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     if unexpected or _shape_mismatch(expected, found) or _untied_missing(model, missing):
         raise CheckpointError(f"{path} does not match {type(model).__name__}: {diff}")
     return model
+
+
+def _load_with_transformers(model: nn.Module, path: Path) -> bool:
+    """Load a ``save_pretrained`` file into a Transformers model through ``from_pretrained``.
+
+    Recent Transformers releases name some modules differently from the keys
+    ``save_pretrained`` writes (ViT-family models on 5.24: ``vit.layers.0`` in the
+    model, ``vit.encoder.layer.0`` in the file) and map the names back only in
+    ``from_pretrained``. This loads the file that way into a fresh model of the
+    same class and config, and copies its weights into ``model`` when every key
+    matched. Returns ``False`` (nothing changed) for other models, or when the
+    file does not match either way.
+    """
+    if not type(model).__module__.startswith("transformers.") or not hasattr(model, "config"):
+        return False
+    import tempfile
+
+    import transformers
+
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        hf_model: Any = model  # a transformers PreTrainedModel
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model.config.save_pretrained(tmp)
+            os.symlink(path.resolve(), Path(tmp) / "model.safetensors")
+            loaded, info = type(hf_model).from_pretrained(
+                tmp, config=hf_model.config, local_files_only=True, output_loading_info=True
+            )
+    except Exception:  # transformers raises OSError/ValueError/RuntimeError: not loadable this way
+        return False
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        return False
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return True
 
 
 def _shape_mismatch(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> bool:

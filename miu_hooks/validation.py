@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from miu_hooks.config import TrainConfig
-from miu_hooks.data import forward_logits
+from miu_hooks.data import forward_logits, split_keys
 from miu_hooks.data_checks import (
     batch_of_one_problem,
     dataset_labels_groups,
@@ -135,15 +135,6 @@ class RunCheck:
     num_groups: int
 
 
-def _keys(cfg: TrainConfig) -> dict[str, Any]:
-    return {
-        "input_key": cfg.input_key,
-        "label_key": cfg.label_key,
-        "group_key": cfg.group_key,
-        "id_key": cfg.id_key,
-    }
-
-
 def _one_forward(
     model: nn.Module,
     retain: Dataset,
@@ -154,7 +145,7 @@ def _one_forward(
 ) -> tuple[list[MIUError], int | None]:
     """Evaluate ``model`` on ``retain[0]`` (eval mode, no grad); return problems and classes."""
     param = next(model.parameters(), None)
-    inputs = one_sample_inputs(retain, _keys(cfg), param.device if param is not None else
+    inputs = one_sample_inputs(retain, split_keys(cfg), param.device if param is not None else
                                torch.device("cpu"))  # fmt: skip
     if isinstance(inputs, Tensor) and inputs.is_floating_point():
         if not bool(torch.isfinite(inputs).all()):
@@ -210,7 +201,7 @@ def _batch_of_one(
         return []
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    why = batch_of_one_problem(model, one_sample_inputs(retain, _keys(cfg), device))
+    why = batch_of_one_problem(model, one_sample_inputs(retain, split_keys(cfg), device))
     if why is None:
         return []
     cause = f"the {single[0]} set has one sample" if single else "batch size 1 gives batches of one"

@@ -303,6 +303,40 @@ def test_hf_folder_run(ws: Workspace, hf_folder: Path, tmp_path: Path, mode: str
         assert report["models"].keys() == {"original", "previous", "unlearned"}
 
 
+VIT_ARCH = """from transformers import ViTConfig, ViTForImageClassification
+
+
+def build():
+    return ViTForImageClassification(ViTConfig(
+        image_size=4, patch_size=2, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=2))
+"""
+
+
+def test_hf_weights_file_loads_with_an_arch_factory(
+    ws: Workspace, hf_folder: Path, tmp_path: Path
+) -> None:
+    """``-m vit/model.safetensors --arch factory``: keys renamed by save_pretrained still load."""
+    from transformers import ViTForImageClassification
+
+    from miu_hooks.cli.inputs import resolve_model_source
+    from miu_hooks.cli.load import load_model
+
+    (tmp_path / "vit_arch.py").write_text(VIT_ARCH)
+    weights = hf_folder / "model.safetensors"
+    source = resolve_model_source(weights, f"{tmp_path / 'vit_arch.py'}:build")
+    loaded = load_model(source, seed=5)  # another seed: every weight must come from the file
+    want = ViTForImageClassification.from_pretrained(hf_folder).state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    args = ws.args(tmp_path / "out", "-q")
+    args[args.index("-m") + 1] = str(weights)
+    args[args.index("--arch") + 1] = f"{tmp_path / 'vit_arch.py'}:build"
+    del args[args.index("--test") : args.index("--test") + 2]
+    res = run_runner(args)
+    assert res.code == 0, res.stderr
+
+
 @pytest.mark.slow
 def test_hf_folder_with_other_shapes_exits_4(
     ws: Workspace, hf_folder: Path, tmp_path: Path
