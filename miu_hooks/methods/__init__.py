@@ -96,7 +96,7 @@ def describe_methods() -> list[tuple[str, str, str]]:
         >>> rows["retrain"], rows["retrain_reweight"]
         ('REWEIGHT off', 'REWEIGHT on')
         >>> rows["miu"]
-        'REWEIGHT on (reweight=False: the paper's ablation, no REWEIGHT)'
+        "REWEIGHT on (reweight=False: the paper's ablation, no REWEIGHT)"
     """
     what = {
         "default_on": "REWEIGHT on (reweight=False: the paper's ablation, no REWEIGHT)",
