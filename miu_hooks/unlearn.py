@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from miu_hooks.atomic import atomic_save_safetensors
 from miu_hooks.config import TrainConfig
 from miu_hooks.engine import OriginalSpec, resolve_original
-from miu_hooks.errors import CheckpointError, NonFiniteLossError
+from miu_hooks.errors import CheckpointError, NonFiniteInputError, NonFiniteLossError
 from miu_hooks.guard import GuardOutcome, build_guard
 from miu_hooks.methods import RunContext
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler, indexed
@@ -366,12 +366,12 @@ def unlearn(
                 torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout etc., per epoch
                 try:
                     runner.run_epoch(ctx, epoch)
-                except NonFiniteLossError as exc:
+                except (NonFiniteLossError, NonFiniteInputError) as exc:  # NaN data too
                     if guard is None or guard.outcome.final_only:
                         raise
                     restored = guard.restore(model)
                     what = "the input model" if restored == -1 else f"epoch {restored}'s weights"
-                    raise NonFiniteLossError(f"{exc} ({what} restored by the guard)") from exc
+                    raise type(exc)(f"{exc} ({what} restored by the guard)") from exc
                 scheduler.step()
                 passed = guard is None or guard.check(model, epoch, final=epoch == cfg.epochs - 1)
                 if guard is not None and guard.outcome.accuracies:

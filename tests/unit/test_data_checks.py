@@ -32,8 +32,8 @@ from miu_hooks.errors import DataError
 pytestmark = pytest.mark.unit
 
 CFG = MIUConfig(epochs=2, forget_epochs=1, batch_size=8, mine_hidden=8, mine_warmup_iters=3,
-                mine_iters=2, device="cpu")  # fmt: skip
-LOOP = TrainConfig(epochs=1, batch_size=8, device="cpu")
+                mine_iters=2, device="cpu", guard=False)  # fmt: skip
+LOOP = TrainConfig(epochs=1, batch_size=8, device="cpu", guard=False)
 
 
 def net(classes: int = 2) -> nn.Module:
