@@ -570,8 +570,8 @@ def test_methods_subcommand_lists_the_registry() -> None:
     assert res.code == 0 and [r[0] for r in rows] == available_methods()
     what = {name: (cls, runs) for name, cls, runs in rows}
     # The name says what runs: X without REWEIGHT, X_reweight with it (MIU: on by default).
-    assert what["retrain"] == ("TrainConfig", "REWEIGHT off")
-    assert what["retrain_reweight"] == ("TrainConfig", "REWEIGHT on")
+    assert what["retrain"] == ("RetrainConfig", "REWEIGHT off")
+    assert what["retrain_reweight"] == ("RetrainConfig", "REWEIGHT on")
     assert what["salun_reweight"] == ("SalUnConfig", "REWEIGHT on")
     assert what["miu"][1].startswith("REWEIGHT on") and "ablation" in what["miu"][1]
     assert what["neggrad"][1].startswith("no retain pass")
