@@ -32,13 +32,15 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import dataset_groups, logits_of, split_keys
+from miu_hooks.data import IndexedDataset, dataset_groups, logits_of, split_keys
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach
 from miu_hooks.errors import ConfigError
 from miu_hooks.guard import CollapseGuard
+from miu_hooks.loader_options import loader_options
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler
 from miu_hooks.sampling import GroupReweightSampler, TrainBatchSampler
 from miu_hooks.unlearn import check_split
+from miu_hooks.wrappers import refuse_unsupported
 
 require("accelerate", extra="hf")
 from accelerate import Accelerator  # noqa: E402
@@ -202,15 +204,18 @@ def prepare_miu(
     tune_loader: Iterable[Any] | None = None,
     feature_module: str | nn.Module | None = None,
     register_for_checkpointing: bool = True,
-    check_batch_sizes: bool = True,
+    check_batch_sizes: bool | None = None,
     val: Dataset | None = None,
 ) -> MIUAccelerate:
     """Attach MIU to an Accelerate loop; call after ``accelerator.prepare``.
 
     Pass the objects ``accelerator.prepare`` returned. The retain loader should
     come from :func:`reweighted_loader` (REWEIGHT) when ``config.reweight`` is
-    true. The forget and tuning loaders are iterated by :meth:`MIUAccelerate.
-    epoch_start` and are prepared here when they are not already. The critics
+    true; with ``index=True`` there, the original model's features are cached
+    here (once, on every process) when the data is deterministic and
+    ``config.feature_cache`` allows. The forget and tuning loaders are iterated
+    by :meth:`MIUAccelerate.epoch_start` and are prepared here when they are not
+    already. The critics
     are not wrapped in DDP: they see the same global batch on every rank, so
     their gradients are identical by construction. With
     ``register_for_checkpointing`` the returned object is saved and restored
@@ -230,7 +235,9 @@ def prepare_miu(
         tune_loader: A loader of D to use for critic tuning instead of ``train_dataset``.
         feature_module: Head override for the feature tap.
         register_for_checkpointing: Register the result with the accelerator.
-        check_batch_sizes: Check equal per-rank batch sizes before each gather.
+        check_batch_sizes: Check equal per-rank batch sizes before each step's
+            gather (a host read per step). ``None``: only when the accelerator
+            does not make batches even (``even_batches=False``).
         val: Held-out data for the collapse guard (:meth:`MIUAccelerate.epoch_end`);
             ``None`` reads the slice of the retain set that :func:`reweighted_loader`
             held out of its draw. With neither, the run is unguarded (a warning).
@@ -274,8 +281,9 @@ def prepare_miu(
         ['miu/calibration', 'miu/ce']
     """
     cfg = config or MIUConfig()
+    refuse_unsupported(model)
     runtime = AccelerateRuntime(accelerator, check_sizes=check_batch_sizes)
-    if cfg.precision != "fp32" and cfg.precision != runtime.precision:
+    if cfg.precision not in ("auto", "fp32") and cfg.precision != runtime.precision:
         logger.warning(
             "MIUConfig.precision=%s is ignored: the accelerator runs %s",
             cfg.precision,
@@ -312,15 +320,22 @@ def prepare_miu(
         num_groups = num_groups if num_groups is not None else found
     if not _is_prepared(forget_loader):
         forget_loader = accelerator.prepare_data_loader(forget_loader)
+    # Retain batches that carry positions (reweighted_loader(index=True)) can read
+    # cached features of D = D_r + D_f, retain positions first, as unlearn() does.
+    cache_on: Dataset | None = None
+    if isinstance(retain_ds, IndexedDataset) and train_dataset is None and tune_loader is None:
+        cache_on = ConcatDataset([retain_ds.dataset, forget_ds])
     if tune_loader is None:
         train: Any = train_dataset
         if train is None:
-            train = ConcatDataset([retain_ds, forget_ds])
+            train = cache_on if cache_on is not None else ConcatDataset([retain_ds, forget_ds])
+        tune_data: Dataset = IndexedDataset(train) if cache_on is not None else train
         tune_loader = SeededLoader(
-            train,
+            tune_data,
             batch_size=_per_process_batch_size(retain_loader, nproc, cfg.batch_size),
             sampler=ShuffleSampler(len(train), seed=cfg.seed + 2),
             drop_last=nproc > 1,
+            **loader_options(train, runtime.device, cfg.num_workers),
         )
     if not _is_prepared(tune_loader):
         tune_loader = accelerator.prepare_data_loader(tune_loader)
@@ -340,6 +355,15 @@ def prepare_miu(
         runtime=runtime,
         forward_model=model if runtime.forward_through_prepared else unwrapped,
     )
+    if cache_on is not None:
+        handle.cache_features(cache_on, num_workers=cfg.num_workers)
+    elif cfg.feature_cache == "on":
+        handle.remove()
+        raise ConfigError(
+            "MIUConfig.feature_cache='on' needs retain batches that carry their positions: "
+            "build the retain loader with reweighted_loader(..., index=True) and leave "
+            "train_dataset and tune_loader unset"
+        )
     miu = MIUAccelerate(
         accelerator,
         handle,
@@ -349,16 +373,18 @@ def prepare_miu(
         forget_loader,
         EndingLoader(tune_loader),
     )
-    miu.guard = guard_for(cfg, sampler, retain_ds, val)
+    plain_retain = retain_ds.dataset if isinstance(retain_ds, IndexedDataset) else retain_ds
+    miu.guard = guard_for(cfg, sampler, plain_retain, val)
     if miu.guard is not None:
         miu.guard.start(handle.model)
     if register_for_checkpointing:
         accelerator.register_for_checkpointing(miu)
     logger.info(
-        "MIU attached on %d process(es): global-batch MI, precision %s, tap on %r",
+        "MIU attached on %d process(es): global-batch MI, precision %s, tap on %r, %s",
         nproc,
         runtime.precision,
         handle.tap.name,
+        "cached original features" if handle.feature_cache is not None else "no feature cache",
     )
     return miu
 

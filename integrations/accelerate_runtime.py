@@ -41,8 +41,11 @@ class AccelerateRuntime(DistributedRuntime):
         accelerator: The run's ``Accelerator``.
         forward_through_prepared: Whether engine forwards go through the prepared
             model (default: only for FSDP/DeepSpeed/Megatron, which shard weights).
-        check_sizes: Check equal per-rank batch sizes before each gather (one
-            tiny all-reduce); disable only when every loader has even batches.
+        check_sizes: Check equal per-rank batch sizes before the first gather of
+            each step (one tiny all-reduce and one host read). ``None`` (the
+            default) checks only when the accelerator does not make batches even
+            (``even_batches=False``): prepared loaders then give every process
+            the same batch size, and so do the engine's own (``drop_last``).
 
     Example:
         >>> from accelerate import Accelerator
@@ -56,8 +59,10 @@ class AccelerateRuntime(DistributedRuntime):
         accelerator: Accelerator,
         *,
         forward_through_prepared: bool | None = None,
-        check_sizes: bool = True,
+        check_sizes: bool | None = None,
     ) -> None:
+        if check_sizes is None:
+            check_sizes = not bool(getattr(accelerator, "even_batches", False))
         # "fp32" keeps LocalRuntime from building its own GradScaler: Accelerate owns it.
         super().__init__(accelerator.device, "fp32", check_sizes=check_sizes)
         self.accelerator = accelerator
@@ -80,13 +85,21 @@ class AccelerateRuntime(DistributedRuntime):
         """Whether this is the accelerator's main process."""
         return bool(self.accelerator.is_main_process)
 
-    def gather(self, tensor: Tensor) -> Tensor:
+    def gather(self, tensor: Tensor, *, check_sizes: bool | None = None) -> Tensor:
         """Concatenate ``tensor`` over processes along dim 0, keeping autograd."""
-        return tensor if self.world_size == 1 else super().gather(tensor)
+        return tensor if self.world_size == 1 else super().gather(tensor, check_sizes=check_sizes)
+
+    def gather_detached(self, tensor: Tensor) -> Tensor:
+        """Concatenate ``tensor`` over processes along dim 0, without autograd."""
+        return tensor if self.world_size == 1 else super().gather_detached(tensor)
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
         """Average ``tensor`` over processes in place and return it."""
         return tensor if self.world_size == 1 else super().all_reduce_mean(tensor)
+
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        """Element-wise maximum over processes, in place."""
+        return tensor if self.world_size == 1 else super().all_reduce_max(tensor)
 
     def sync_model_grads(self, model: nn.Module) -> None:
         """Average gradients over processes unless the forward went through the wrapper."""
@@ -104,6 +117,11 @@ class AccelerateRuntime(DistributedRuntime):
         if steps != 1 and acc.distributed_type != DistributedType.DEEPSPEED:
             loss = loss * steps
         acc.backward(loss)
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` times Accelerate's fp16 loss scale (unchanged without a scaler)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return scaler.scale(loss) if scaler is not None else loss
 
     def clip_grad_norm(
         self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], max_norm: float

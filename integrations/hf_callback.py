@@ -13,7 +13,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from miu_hooks._imports import require
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import dataset_groups, split_keys
+from miu_hooks.data import IndexedDataset, dataset_groups, split_keys
 from miu_hooks.engine import MIUHandle, OriginalSpec, attach, resolve_original
 from miu_hooks.errors import CheckpointError, ConfigError
 from miu_hooks.guard import CollapseGuard, build_guard
@@ -22,6 +22,7 @@ from miu_hooks.integrations.hf_guard import check_epoch, install_retain_sampler
 from miu_hooks.integrations.hf_hooks import TrainerHooks
 from miu_hooks.integrations.hf_placement import calling_handler, place_before_reporters
 from miu_hooks.integrations.hf_state import (
+    check_trainer_args,
     load_state,
     make_runtime,
     save_state,
@@ -29,6 +30,7 @@ from miu_hooks.integrations.hf_state import (
     warn_if_weights_not_restored,
 )
 from miu_hooks.integrations.loaders import EpochLoader, RankBatchSampler, check_last_batch
+from miu_hooks.loader_options import loader_options
 from miu_hooks.methods.base import ShuffleSampler
 from miu_hooks.sampling import GroupReweightSampler
 from miu_hooks.unlearn import check_split
@@ -151,6 +153,7 @@ class MIUCallback(TrainerCallback):
         self._switched_columns = False
         self._placed = False  # ahead of the reporting callbacks (prepare_trainer, MIUTrainer)
         self._loaders: tuple[EpochLoader, EpochLoader] | None = None
+        self._indexed: tuple[Any, Any] | None = None  # (trainer, its own train_dataset)
 
     # -- Trainer events ------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -161,6 +164,7 @@ class MIUCallback(TrainerCallback):
         """Validate the columns, attach the engine, install REWEIGHT, restore a resumed state."""
         model, optimizer, loader = kwargs["model"], kwargs["optimizer"], kwargs["train_dataloader"]
         cfg = self.config
+        check_trainer_args(args)
         self._args = args
         check_train_columns(loader, self.config.group_key)
         if self._original is None:
@@ -203,9 +207,19 @@ class MIUCallback(TrainerCallback):
             tap_when="train",
         )
         hooks.attach_loss(self.handle, add_to_loss=not self.subclassed)
-        self._loaders = self._make_loaders(retain, loader, run_cfg.batch_size, seed, args)
+        hooks.single_batch = (
+            args.gradient_accumulation_steps == 1 and self.handle.runtime.world_size == 1
+        )
+        plain = retain.dataset if isinstance(retain, IndexedDataset) else retain
+        # Batches of an indexed retain set (prepare_trainer, MIUTrainer) read cached features.
+        cache_on = ConcatDataset([plain, self.forget_dataset]) if plain is not retain else None
+        if cache_on is not None:
+            self.handle.cache_features(cache_on, num_workers=args.dataloader_num_workers)
+        self._loaders = self._make_loaders(
+            retain, loader, run_cfg.batch_size, seed, args, indexed=cache_on is not None
+        )
         self.guard, held = build_guard(
-            retain, retain_groups, self.val_dataset, cfg,
+            plain, retain_groups, self.val_dataset, cfg,
             collate_fn=getattr(loader, "collate_fn", None),
         )  # fmt: skip
         self.sampler, self._shuffle = install_retain_sampler(
@@ -318,6 +332,7 @@ class MIUCallback(TrainerCallback):
         column reaches the batches; :meth:`remove` switches it back on.
         """
         self._args = args
+        check_trainer_args(args)
         if args.remove_unused_columns:
             args.remove_unused_columns = False
             self._switched_columns = True
@@ -348,6 +363,30 @@ class MIUCallback(TrainerCallback):
         if self._switched_columns and self._args is not None:
             self._args.remove_unused_columns = True
             self._switched_columns = False
+        if self._indexed is not None:
+            trainer, dataset = self._indexed
+            trainer.train_dataset = dataset
+            self._indexed = None
+
+    def index_train_dataset(self, trainer: Any) -> None:
+        """Give the items of ``trainer.train_dataset`` their positions (``__index__``).
+
+        Retain batches then read the original model's cached features instead of
+        running it (when ``config.feature_cache`` allows and the data is
+        deterministic). The column hook drops the column before the model sees
+        it; :meth:`remove` puts the Trainer's own dataset back. A no-op for
+        ``feature_cache="off"`` and for datasets without ``__len__``/``__getitem__``.
+        """
+        dataset = trainer.train_dataset
+        if (
+            self.config.feature_cache == "off"
+            or dataset is None
+            or isinstance(dataset, IndexedDataset)
+            or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
+        ):
+            return
+        trainer.train_dataset = IndexedDataset(dataset)
+        self._indexed = (trainer, dataset)
 
     # -- internals ----------------------------------------------------------------------------
     def _place_from_event(self) -> None:
@@ -377,23 +416,36 @@ class MIUCallback(TrainerCallback):
         return self.hooks
 
     def _make_loaders(
-        self, retain: Dataset, loader: Any, batch_size: int, seed: int, args: Any
+        self,
+        retain: Dataset,
+        loader: Any,
+        batch_size: int,
+        seed: int,
+        args: Any,
+        *,
+        indexed: bool = False,
     ) -> tuple[EpochLoader, EpochLoader]:
         """Forget and tuning loaders; with several processes each rank loads its share."""
         runtime = self.handle.runtime if self.handle is not None else None
         rank, world = int(getattr(runtime, "rank", 0)), int(getattr(runtime, "world_size", 1))
 
+        device = self.handle.runtime.device if self.handle is not None else torch.device("cpu")
+
         def make(dataset: Dataset, offset: int) -> EpochLoader:
             order = ShuffleSampler(len(dataset), seed + offset)  # type: ignore[arg-type]
+            options = loader_options(dataset, device, args.dataloader_num_workers)
+            options["pin_memory"] &= bool(getattr(args, "dataloader_pin_memory", True))
             return EpochLoader(
                 dataset,
                 batch_sampler=RankBatchSampler(order, batch_size, rank=rank, world_size=world),
                 collate_fn=getattr(loader, "collate_fn", None),
-                num_workers=args.dataloader_num_workers,
                 generator=torch.Generator().manual_seed(seed),
+                **options,
             )
 
-        return make(self.forget_dataset, 1), make(ConcatDataset([retain, self.forget_dataset]), 2)
+        plain = retain.dataset if isinstance(retain, IndexedDataset) else retain
+        train: Dataset = ConcatDataset([plain, self.forget_dataset])
+        return make(self.forget_dataset, 1), make(IndexedDataset(train) if indexed else train, 2)
 
     def _meta(self) -> dict[str, Any]:
         assert self.handle is not None

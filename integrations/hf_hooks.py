@@ -3,9 +3,10 @@
 :class:`TrainerHooks` places two hooks on the Trainer's (unwrapped) model, never
 wrapping or replacing it:
 
-* a forward **pre-hook** (``with_kwargs=True``) pops the group and id columns
-  from the call's keyword arguments, so the model never sees them, and remembers
-  the groups of a training forward;
+* a forward **pre-hook** (``with_kwargs=True``) pops the group, id and
+  ``__index__`` columns from the call's keyword arguments, so the model never
+  sees them, and remembers the groups (and sample positions, which read the
+  feature cache) of a training forward;
 * a forward **hook** (``with_kwargs=True``) adds the scaled calibration term
   λ·(Î_u − sg Î_o)² to ``outputs.loss`` of that forward, reading the features
   from the engine's tap on the classification head (with ``clip="adaptive"``
@@ -24,7 +25,9 @@ with and without accumulation. Some models accept the keyword but ignore it in
 their loss (their loss stays a per-batch mean, e.g. HF ResNet and BEiT in
 transformers 5.x); the first accumulated micro-batch tells the two apart by
 comparing the returned loss with the batch's own cross-entropy, and the MI term
-then follows the model's scaling.
+then follows the model's scaling. That comparison reads values on the host once;
+afterwards the factor is a device tensor (no host read per step), and without
+accumulation on one process it is 1 and nothing is read at all.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 # Keyword arguments of a model call that are not model inputs for the original model.
 _NOT_INPUTS = frozenset({"labels", "num_items_in_batch", "return_loss"})
+#: Column with each sample's position (added by prepare_trainer for the feature cache).
+INDEX_KEY = "__index__"
 
 
 def loss_of(output: Any) -> Tensor | None:
@@ -108,6 +113,26 @@ def count_items(labels: Tensor | None, batch_size: int) -> int:
     return int(labels.ne(-100).sum()) if not labels.is_floating_point() else int(labels.shape[0])
 
 
+def item_ratio(labels: Tensor | None, batch_size: int, num_items: Any) -> Tensor | float:
+    """``count_items(labels) / num_items`` without a host read when either is a tensor.
+
+    Example:
+        >>> float(item_ratio(torch.tensor([0, -100, 1]), 3, torch.tensor(8)))
+        0.25
+    """
+    if labels is None or labels.is_floating_point():
+        n_local: Tensor | int = batch_size if labels is None else int(labels.shape[0])
+    else:
+        n_local = labels.ne(-100).sum()
+    if isinstance(num_items, Tensor):
+        device = n_local.device if isinstance(n_local, Tensor) else num_items.device
+        return torch.as_tensor(n_local, device=device).float() / num_items.to(device).float()
+    total = float(num_items)
+    if total <= 0:
+        return 1.0
+    return n_local.float() / total if isinstance(n_local, Tensor) else n_local / total
+
+
 class TrainerHooks:
     """The column pre-hook and the loss hook of :class:`~miu_hooks.integrations.hf.MIUCallback`.
 
@@ -125,6 +150,8 @@ class TrainerHooks:
     Attributes:
         internal: Set while the callback runs its own passes (tuning, forget
             steps), whose forwards carry no group column by design.
+        single_batch: Set when each optimiser step sees one micro-batch on one
+            process (no accumulation): the MI term's factor is then 1.
         loss_normalized: Whether the model divides its loss by
             ``num_items_in_batch`` (``None`` until a micro-batch has told).
         terms_added: Number of training forwards that received the MI term.
@@ -141,7 +168,8 @@ class TrainerHooks:
         self.internal = False
         self.loss_normalized: bool | None = None
         self.terms_added = 0
-        self._pending: Tensor | None = None
+        self.single_batch = False
+        self._pending: tuple[Tensor, Tensor | None] | None = None
         self._warned = False
         self._columns: RemovableHandle | None = model.register_forward_pre_hook(
             self._pre_hook, with_kwargs=True
@@ -156,20 +184,21 @@ class TrainerHooks:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         self._pending = None
-        if self.group_key not in kwargs and self.id_key not in kwargs:
+        if self.group_key not in kwargs and self.id_key not in kwargs and INDEX_KEY not in kwargs:
             return None
         kwargs = dict(kwargs)
         groups = kwargs.pop(self.group_key, None)
         kwargs.pop(self.id_key, None)
+        index = kwargs.pop(INDEX_KEY, None)
         if self._loss is not None and isinstance(groups, Tensor) and self._training(module):
-            self._pending = groups
+            self._pending = (groups, index if isinstance(index, Tensor) else None)
         return args, kwargs
 
     def _loss_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
-        groups, self._pending = self._pending, None
-        if groups is None:
+        pending, self._pending = self._pending, None
+        if pending is None:
             if self._training(module) and not self._warned:
                 self._warned = True
                 logger.warning(
@@ -179,7 +208,7 @@ class TrainerHooks:
                     self.group_key,
                 )
             return None
-        return self.add_term(output, args, kwargs, groups)
+        return self.add_term(output, args, kwargs, *pending)
 
     # -- the term -----------------------------------------------------------------------------
     def model_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -189,8 +218,14 @@ class TrainerHooks:
         skip = _NOT_INPUTS | {self.label_key, self.group_key, self.id_key}
         return {k: v for k, v in kwargs.items() if k not in skip}
 
-    def penalty(self, inputs: Any, labels: Tensor | None, groups: Tensor) -> Tensor:
-        """λ·(Î_u − sg Î_o)² for the last training forward (features from the tap)."""
+    def penalty(
+        self, inputs: Any, labels: Tensor | None, groups: Tensor, index: Tensor | None = None
+    ) -> Tensor:
+        """λ·(Î_u − sg Î_o)² for the last training forward (features from the tap).
+
+        ``index`` (the samples' positions) reads the original model's cached
+        features instead of running it, when the cache is built.
+        """
         handle = self.handle
         if handle is None:
             raise StateError("MIUCallback hooks have no MIU handle yet (on_train_begin not run)")
@@ -200,11 +235,19 @@ class TrainerHooks:
         if labels is None:
             labels = torch.zeros_like(groups)
         batch = Batch(inputs, labels.reshape(-1), groups)
+        if index is not None and handle.feature_cache is not None:
+            batch.host_index = index if index.device.type == "cpu" else None
+            batch.index = index.to(device, non_blocking=True).long().reshape(-1)
         self.terms_added += 1
         return handle.retain_penalty(z, batch)
 
     def add_term(
-        self, output: Any, args: tuple[Any, ...], kwargs: dict[str, Any], groups: Tensor
+        self,
+        output: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        groups: Tensor,
+        index: Tensor | None = None,
     ) -> Any:
         """Return ``output`` with the scaled MI term added to its loss."""
         loss = loss_of(output)
@@ -217,7 +260,7 @@ class TrainerHooks:
             )
         labels = kwargs.get(self.label_key)
         labels = labels if isinstance(labels, Tensor) else None
-        term = self.penalty(self.model_inputs(args, kwargs), labels, groups)
+        term = self.penalty(self.model_inputs(args, kwargs), labels, groups, index)
         scale = self.scale(loss, _logits_of(output), labels, kwargs.get("num_items_in_batch"))
         return replace_loss(output, self.combine(loss, scale * term.to(loss.dtype)))
 
@@ -234,10 +277,13 @@ class TrainerHooks:
 
     def scale(
         self, loss: Tensor, logits: Tensor | None, labels: Tensor | None, num_items: Any
-    ) -> float:
+    ) -> Tensor | float:
         """Factor that gives the per-batch-mean MI term the model loss's GA scaling."""
-        if num_items is None:
+        if num_items is None or self.single_batch or self.loss_normalized is False:
             return 1.0
+        batch_size = int(logits.shape[0]) if logits is not None else 1
+        if self.loss_normalized:  # decided: a device tensor, no host read
+            return item_ratio(labels, batch_size, num_items)
         total = float(num_items.item() if isinstance(num_items, Tensor) else num_items)
         n_local = count_items(labels, int(logits.shape[0]) if logits is not None else 1)
         ratio = n_local / total if total > 0 else 1.0

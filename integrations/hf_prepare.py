@@ -46,6 +46,10 @@ def prepare_trainer(
     switches ``trainer.args.remove_unused_columns`` off (with a warning) so the
     group column reaches the batches, snapshots ``trainer.model`` as the
     original model (unless ``original`` is given) and places the column hook.
+    Unless ``config.feature_cache="off"``, it also gives the retain items their
+    positions (an ``__index__`` column the hook drops), so that retain steps
+    read the original model's features, cached once at train start, instead of
+    running it (when reading an item twice gives the same values).
     Nothing runs until ``trainer.train()``; call ``callback.remove()`` after
     training to take the last hook off and restore ``remove_unused_columns``.
 
@@ -119,4 +123,5 @@ def prepare_trainer(
     )
     callback.bind(trainer.args, trainer.model)
     callback.place(callbacks)
+    callback.index_train_dataset(trainer)  # retain batches read cached original features
     return callback

@@ -6,6 +6,8 @@ Kept apart from :mod:`miu_hooks.integrations.hf` so that each piece stays small:
   passes): the Trainer's optimizer and, under fp16, its gradient scaler, with
   collectives from :class:`~miu_hooks.distributed.DistributedRuntime` when
   several processes run;
+* :func:`check_trainer_args` refuses what the hooks cannot follow: ``nn.DataParallel``
+  (one process over several GPUs) and ``torch_compile``;
 * :func:`install_sampler` swaps the sampler of the Trainer's prepared train
   loader for the REWEIGHT sampler (same length, so step counts stay valid);
 * :func:`save_state` / :func:`load_state` write and read ``miu_state.safetensors``
@@ -26,7 +28,7 @@ import torch
 
 from miu_hooks.atomic import atomic_save_safetensors, atomic_write_text
 from miu_hooks.engine import MIUHandle
-from miu_hooks.errors import CheckpointError, ConfigError
+from miu_hooks.errors import CheckpointError, ConfigError, ModelError
 from miu_hooks.integrations.loaders import (
     batch_sampler_chain,
     index_sampler,
@@ -34,11 +36,14 @@ from miu_hooks.integrations.loaders import (
 )
 from miu_hooks.runtime import LocalRuntime, Runtime
 from miu_hooks.sampling import GroupReweightSampler
+from miu_hooks.wrappers import COMPILED_MESSAGE, DATA_PARALLEL_MESSAGE
 
 __all__ = [
     "META_FILE",
     "STATE_FILE",
+    "check_trainer_args",
     "checkpoint_weights_restored",
+    "even_batches",
     "install_sampler",
     "load_state",
     "make_runtime",
@@ -67,6 +72,45 @@ def trainer_precision(args: Any) -> str:
     if getattr(args, "fp16", False):
         return "fp16"
     return "fp32"
+
+
+def check_trainer_args(args: Any) -> None:
+    """Refuse Trainer settings the hooks cannot follow (one-line :class:`ModelError`).
+
+    * more than one GPU in one process (``args.n_gpu > 1``): the Trainer then
+      wraps the model in ``nn.DataParallel``;
+    * ``torch_compile=True``: compiled graphs ignore hooks added later.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_trainer_args(SimpleNamespace(n_gpu=1, torch_compile=False))
+        >>> check_trainer_args(SimpleNamespace(n_gpu=2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        miu_hooks.errors.ModelError: the Trainer runs 2 GPUs in one process ...
+    """
+    n_gpu = int(getattr(args, "n_gpu", 1) or 1)
+    if n_gpu > 1:
+        raise ModelError(
+            f"the Trainer runs {n_gpu} GPUs in one process, i.e. {DATA_PARALLEL_MESSAGE}"
+        )
+    if getattr(args, "torch_compile", False):
+        raise ModelError(f"TrainingArguments.torch_compile=True: {COMPILED_MESSAGE}")
+
+
+def even_batches(args: Any) -> bool:
+    """Whether the Trainer's Accelerator gives every process equal batches (its default).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> even_batches(SimpleNamespace(accelerator_config={"even_batches": False}))
+        False
+    """
+    config = getattr(args, "accelerator_config", None)
+    value = config.get("even_batches") if isinstance(config, dict) else getattr(
+        config, "even_batches", None
+    )
+    return True if value is None else bool(value)
 
 
 def _world_size() -> int:
@@ -101,7 +145,11 @@ def make_runtime(args: Any, optimizer: torch.optim.Optimizer | None) -> Runtime:
     if _world_size() > 1:
         from miu_hooks.distributed import DistributedRuntime  # lazy: only for multi-process runs
 
-        return DistributedRuntime(device, precision, scaler=scaler)
+        # The Trainer's loader (even_batches) and the callback's own (RankBatchSampler)
+        # give every rank the same batch size: no per-step size check then.
+        return DistributedRuntime(
+            device, precision, scaler=scaler, check_sizes=not even_batches(args)
+        )
     return LocalRuntime(device, precision, scaler=scaler)
 
 
@@ -179,7 +227,7 @@ def load_state(folder: str | os.PathLike[str], handle: MIUHandle) -> dict[str, A
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("miu", "{}"))
-        tensors = load_file(str(path), device=str(handle.runtime.device))
+        tensors = load_file(str(path), device="cpu")  # optimiser state loads from the CPU
     except Exception as exc:  # safetensors and json raise their own types
         raise CheckpointError(f"cannot read the MIU state {path}: {exc}") from exc
     handle.load_state_dict(tensors)

@@ -20,7 +20,7 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.engine import OriginalSpec
 from miu_hooks.errors import ConfigTypeError, DataError
 from miu_hooks.integrations.hf_callback import MIUCallback
-from miu_hooks.integrations.hf_hooks import count_items
+from miu_hooks.integrations.hf_hooks import INDEX_KEY, item_ratio
 
 require("transformers", extra="hf")
 from transformers import Trainer  # noqa: E402
@@ -109,6 +109,7 @@ class MIUTrainerMixin(_TrainerBase):
         self.miu = callback
         super().__init__(*args, **kwargs)
         callback.place(self.callback_handler.callbacks)
+        callback.index_train_dataset(self)  # retain batches read cached original features
         self.model_accepts_loss_kwargs = False
         if hasattr(type(self), "loss_is_scaled_for_ga") and self.compute_loss_func is None:
             self.loss_is_scaled_for_ga = False  # transformers >= 5.23
@@ -157,16 +158,19 @@ class MIUTrainerMixin(_TrainerBase):
             )
         groups = inputs.pop(cfg.group_key)
         inputs.pop(cfg.id_key, None)
+        index = inputs.pop(INDEX_KEY, None)
         labels = inputs.get(hooks.label_key)
         model_inputs = hooks.model_inputs((), inputs)
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs
         )
-        term = hooks.penalty(model_inputs, labels if isinstance(labels, Tensor) else None, groups)
-        scale = 1.0
+        labels = labels if isinstance(labels, Tensor) else None
+        term = hooks.penalty(
+            model_inputs, labels, groups, index if isinstance(index, Tensor) else None
+        )
+        scale: Tensor | float = 1.0
         if num_items_in_batch is not None and not self._ga_divides(num_items_in_batch):
-            n_local = count_items(labels if isinstance(labels, Tensor) else None, len(groups))
-            scale = n_local / float(num_items_in_batch)
+            scale = item_ratio(labels, len(groups), num_items_in_batch)  # no host read
         loss = hooks.combine(loss, scale * term.to(loss.dtype))
         return (loss, outputs) if return_outputs else loss
 

@@ -40,6 +40,7 @@ def adaptive_calibration_scale(
     cal: Tensor,
     params: Iterable[nn.Parameter],
     all_reduce: Callable[[Tensor], Tensor] | None = None,
+    scale_loss: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     r"""MINE's factor :math:`s = \min(1, \lVert \nabla ce \rVert / \lVert \nabla cal \rVert)`.
 
@@ -59,9 +60,16 @@ def adaptive_calibration_scale(
             The two local squared norms are averaged before the ratio, so every
             rank uses the same ``s`` (the norms of the rank-averaged gradients
             would need two extra gradient all-reduces). ``None``: one process.
+        scale_loss: Multiplies a loss by the fp16 loss scale (e.g.
+            :meth:`Runtime.scale_loss <miu_hooks.runtime.Runtime.scale_loss>`).
+            Both gradients are taken of scaled losses, so fp16 activation
+            gradients do not underflow; the ratio does not depend on the scale.
+            When a scaled gradient overflows, ``s`` is 1 (the scaler then skips
+            the step anyway). ``None``: no scaling.
 
     Returns:
-        Detached fp32 scalar ``s`` in (0, 1]; 1 when the calibration gradient is zero.
+        Detached fp32 scalar ``s`` in (0, 1]; 1 when the calibration gradient is
+        zero or a norm is not finite.
 
     Example:
         >>> w = nn.Parameter(torch.tensor([1.0, 2.0]))
@@ -75,12 +83,17 @@ def adaptive_calibration_scale(
     device = ce.device
     if not trainable:
         return torch.ones((), dtype=torch.float32, device=device)
+    scale = scale_loss or (lambda loss: loss)
     squared = torch.stack(
-        [_squared_grad_norm(ce, trainable, device), _squared_grad_norm(cal, trainable, device)]
+        [
+            _squared_grad_norm(scale(ce), trainable, device),
+            _squared_grad_norm(scale(cal), trainable, device),
+        ]
     )
     if all_reduce is not None:
         squared = all_reduce(squared)
     sq_ce, sq_cal = squared[0], squared[1]
     ratio = (sq_ce / sq_cal.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
     one = torch.ones((), dtype=torch.float32, device=device)
-    return torch.where(sq_cal > 0, ratio.clamp(max=1.0), one).detach()
+    usable = (sq_cal > 0) & torch.isfinite(squared).all()
+    return torch.where(usable, ratio.clamp(max=1.0), one).detach()

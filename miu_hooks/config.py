@@ -36,7 +36,8 @@ __all__ = [
     "TrainConfig",
 ]
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+OriginalPrecision = Literal["fp32", "compute"]
 Scheduler = Literal["cosine", "constant"]
 Optimizer = Literal["sgd", "adamw"]
 FeatureCache = Literal["auto", "on", "off"]
@@ -91,11 +92,16 @@ class TrainConfig(BaseConfig):
         low_open=True,
     )
     precision: Precision = setting(
-        "fp32", "Autocast precision of the model: fp32, bf16 or fp16 (critics stay fp32)."
+        "auto",
+        "Autocast precision of the model: auto (bf16 on CUDA devices with bf16, else fp16 "
+        "with a loss scaler; fp32 on CPU), fp32, bf16 or fp16 (the MI terms stay fp32).",
     )
     device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     seed: int = setting(0, "Seed of every random draw (sampler, init, marginals).", low=0)
-    num_workers: int = setting(0, "DataLoader worker processes.", low=0)
+    num_workers: int = setting(
+        0, "DataLoader worker processes of every loader the run builds (0: the main process).",
+        low=0,
+    )  # fmt: skip
     reweight: bool | None = setting(
         None,
         "REWEIGHT retain sampling, N_g(D)/N_g(D_r); None follows the method name "
@@ -187,6 +193,11 @@ class MIUConfig(TrainConfig):
         "auto",
         "Cache the original model's features once (auto: when reading an item twice "
         "gives the same values, i.e. no random augmentation).",
+    )
+    original_precision: OriginalPrecision = setting(
+        "fp32",
+        "Weights of the frozen original model: fp32, or compute (a copy in the run's autocast "
+        "dtype, bf16/fp16: half the memory; no effect at fp32).",
     )
     original_mode: Literal["eval", "train"] = setting(
         "eval", "Mode of the original model: eval (our fix) or train (the reference)."

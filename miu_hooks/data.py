@@ -24,6 +24,8 @@ __all__ = [
     "IndexedDataset",
     "dataset_groups",
     "forward_logits",
+    "indexed",
+    "is_deterministic",
     "raise_if_nonfinite_inputs",
     "split_batch",
     "split_keys",
@@ -41,9 +43,11 @@ class Batch:
         labels: LongTensor[B].
         groups: LongTensor[B].
         index: LongTensor[B] of dataset positions, when the loader provides them.
+        host_index: ``index`` as it was on the host before :meth:`to` moved it
+            (lookups in host-resident tables need no device-to-host copy).
     """
 
-    __slots__ = ("groups", "index", "inputs", "labels")
+    __slots__ = ("groups", "host_index", "index", "inputs", "labels")
 
     def __init__(
         self,
@@ -56,9 +60,14 @@ class Batch:
         self.labels = labels
         self.groups = groups
         self.index = index
+        self.host_index = index if index is not None and index.device.type == "cpu" else None
 
     def to(self, device: torch.device | str) -> Batch:
-        """Move every tensor to ``device`` (non-blocking) and return ``self``."""
+        """Move every tensor to ``device`` (non-blocking) and return ``self``.
+
+        The copies are asynchronous when the tensors sit in pinned memory (the
+        library's loaders pin batches for CUDA runs).
+        """
         if isinstance(self.inputs, dict):
             self.inputs = {k: _move(v, device) for k, v in self.inputs.items()}
         else:
@@ -66,6 +75,8 @@ class Batch:
         self.labels = self.labels.to(device, non_blocking=True)
         self.groups = self.groups.to(device, non_blocking=True)
         if self.index is not None:
+            if self.index.device.type == "cpu":
+                self.host_index = self.index
             self.index = self.index.to(device, non_blocking=True)
         return self
 
@@ -178,14 +189,16 @@ def split_batch(
         else:
             skip = {lkey, group_key, id_key, "__index__"}
             inputs = {k: v for k, v in batch.items() if k not in skip}
-        return Batch(inputs, _long(batch[lkey], "labels"), _long(batch[group_key], "groups"), index)
+        return Batch(
+            inputs, _long(batch[lkey], "labels"), _long(batch[group_key], "groups"), _index(index)
+        )
     if isinstance(batch, (tuple, list)):
         if len(batch) not in (3, 4):
             raise DataError(
                 f"tuple items must be (inputs, label, group); got a tuple of {len(batch)}"
             )
         index = batch[3] if len(batch) == 4 else None
-        return Batch(batch[0], _long(batch[1], "labels"), _long(batch[2], "groups"), index)
+        return Batch(batch[0], _long(batch[1], "labels"), _long(batch[2], "groups"), _index(index))
     raise DataError(f"unsupported batch type {type(batch).__name__}: use a tuple or a mapping")
 
 
@@ -203,6 +216,10 @@ def split_keys(config: Any) -> dict[str, Any]:
         "group_key": config.group_key,
         "id_key": config.id_key,
     }
+
+
+def _index(value: Any) -> Tensor | None:
+    return None if value is None else torch.as_tensor(value).long().reshape(-1)
 
 
 def _long(value: Any, what: str) -> Tensor:
@@ -367,3 +384,33 @@ def dataset_groups(dataset: Dataset, group_key: str = "group") -> Tensor:
                 f"item {i} is {type(item).__name__}"
             )
     return torch.tensor(groups, dtype=torch.long)
+
+
+def indexed(dataset: Dataset) -> IndexedDataset:
+    """Return ``dataset`` with positions attached to its items (unchanged if it has them)."""
+    return dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def is_deterministic(dataset: Dataset, probes: int = 2) -> bool:
+    """Return whether reading the same items twice gives identical values (no augmentation).
+
+    Example:
+        >>> ds = [(torch.ones(2), 0, 1)] * 3
+        >>> is_deterministic(ds)
+        True
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    for i in sorted({0, n - 1})[:probes]:
+        if n and not _same(dataset[i], dataset[i]):
+            return False
+    return True

@@ -35,6 +35,7 @@ from miu_hooks.runtime import LocalRuntime
 __all__ = [
     "DistributedRuntime",
     "all_gather_cat",
+    "all_reduce_max_",
     "all_reduce_mean_",
     "average_gradients",
     "is_distributed",
@@ -57,7 +58,9 @@ def _world(group: object = None) -> int:
     return int(dist.get_world_size(group))  # type: ignore[arg-type]
 
 
-def all_gather_cat(tensor: Tensor, group: object = None, *, check_sizes: bool = True) -> Tensor:
+def all_gather_cat(
+    tensor: Tensor, group: object = None, *, check_sizes: bool = True, differentiable: bool = True
+) -> Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, differentiably.
 
     The backward pass sums, over ranks, the gradient that each rank's result
@@ -68,7 +71,10 @@ def all_gather_cat(tensor: Tensor, group: object = None, *, check_sizes: bool = 
         group: Process group (default: the world).
         check_sizes: Verify first, with one tiny all-reduce, that every rank
             passes the same B, and raise a clear error otherwise (a mismatched
-            all-gather can hang or fail obscurely in the backend).
+            all-gather can hang or fail obscurely in the backend). The check
+            reads the result on the host: one device sync.
+        differentiable: ``False`` gathers without autograd (cheaper; for
+            values that need no gradient).
 
     Returns:
         Tensor[W·B, ...], rank 0's rows first; ``tensor`` itself with one process.
@@ -87,13 +93,18 @@ def all_gather_cat(tensor: Tensor, group: object = None, *, check_sizes: bool = 
         n = int(tensor.shape[0])
         sizes = torch.tensor([n, -n], dtype=torch.long, device=tensor.device)
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
-        largest, smallest = int(sizes[0]), -int(sizes[1])
+        largest, negated = sizes.tolist()  # one host read
+        smallest = -negated
         if largest != smallest:
             raise DataError(
                 f"the global-batch MI estimate needs the same batch size on every rank; got "
                 f"sizes between {smallest} and {largest} (this rank: {n}). Use drop_last=True, "
                 "a dataset size divisible by the global batch, or Accelerate's even_batches"
             )
+    if not differentiable:
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.detach().contiguous(), group=group)
+        return torch.cat(parts, dim=0)
     from torch.distributed.nn.functional import all_gather
 
     with warnings.catch_warnings():
@@ -118,6 +129,18 @@ def all_reduce_mean_(tensor: Tensor, group: object = None) -> Tensor:
         raise ConfigTypeError(f"all_reduce_mean_ needs a floating-point tensor; got {tensor.dtype}")
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor.div_(world)
+
+
+def all_reduce_max_(tensor: Tensor, group: object = None) -> Tensor:
+    """Element-wise maximum of ``tensor`` over ranks, in place (unchanged with one rank).
+
+    Example:
+        >>> all_reduce_max_(torch.tensor([1.0, 3.0])).tolist()
+        [1.0, 3.0]
+    """
+    if _world(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
 
 
 def average_gradients(
@@ -183,7 +206,10 @@ class DistributedRuntime(LocalRuntime):
         device: This rank's device.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for model forwards.
         group: Process group (default: the world).
-        check_sizes: Check equal per-rank batch sizes before each gather.
+        check_sizes: Check equal per-rank batch sizes before a gather (one
+            small all-reduce and one host read; the engine checks once per step).
+            Turn it off when every loader gives equal batches by construction
+            (``drop_last``, Accelerate's ``even_batches``).
         scaler: See :class:`~miu_hooks.runtime.LocalRuntime`.
 
     Example:
@@ -222,13 +248,22 @@ class DistributedRuntime(LocalRuntime):
         """Whether this is rank 0."""
         return self.rank == 0
 
-    def gather(self, tensor: Tensor) -> Tensor:
+    def gather(self, tensor: Tensor, *, check_sizes: bool | None = None) -> Tensor:
         """Concatenate ``tensor`` over ranks along dim 0, with autograd (:func:`all_gather_cat`)."""
-        return all_gather_cat(tensor, self.group, check_sizes=self.check_sizes)
+        check = self.check_sizes if check_sizes is None else check_sizes
+        return all_gather_cat(tensor, self.group, check_sizes=check)
+
+    def gather_detached(self, tensor: Tensor) -> Tensor:
+        """Concatenate ``tensor`` over ranks along dim 0, without autograd or size check."""
+        return all_gather_cat(tensor, self.group, check_sizes=False, differentiable=False)
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
         """Average ``tensor`` over ranks in place and return it."""
         return all_reduce_mean_(tensor, self.group)
+
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        """Element-wise maximum over ranks, in place (:func:`all_reduce_max_`)."""
+        return all_reduce_max_(tensor, self.group)
 
     def sync_model_grads(self, model: nn.Module) -> None:
         """Average the gradients of ``model``'s params over ranks (:func:`average_gradients`)."""

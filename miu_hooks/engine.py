@@ -17,27 +17,38 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from miu_hooks.checks import NON_FINITE, StepChecks, active_checks, deferred, require
 from miu_hooks.clipping import adaptive_calibration_scale
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import Batch, forward_logits, raise_if_nonfinite_inputs, split_batch
-from miu_hooks.errors import ConfigError, ConfigTypeError, NonFiniteLossError
+from miu_hooks.data import (
+    Batch,
+    forward_logits,
+    is_deterministic,
+    raise_if_nonfinite_inputs,
+    split_batch,
+)
+from miu_hooks.errors import ConfigError, ConfigTypeError, MIUError, NonFiniteLossError
 from miu_hooks.estimators import MIEstimator
+from miu_hooks.feature_cache import allocate_cache, cache_loader, chunked_score_table, read_rows
 from miu_hooks.functional import (
     calibration_loss,
     check_group_range,
     checked_cross_entropy,
     forget_objective,
 )
-from miu_hooks.original import load_original
+from miu_hooks.original import copy_frozen, load_original
+from miu_hooks.precision import autocast_dtype
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.state import flatten_optimizer_state, load_flat_optimizer_state, unprefixed
 from miu_hooks.taps import FeatureTap, feature_width_error, infer_feature_dim, unwrap_model
+from miu_hooks.wrappers import refuse_unsupported
 
 __all__ = ["MIUHandle", "attach", "batchnorm_buffers_restored", "resolve_original"]
 
@@ -102,7 +113,8 @@ class MIUHandle:
         tap: Feature tap on the model's head.
         critic_model: T_u, the critic on the unlearned model's features.
         critic_original: T_o, the critic on the original model's features.
-        logs: Running values of the MI terms since the last :meth:`pop_logs`.
+        log_counts: Values logged per ``miu/*`` key since the last :meth:`pop_logs`
+            (their running sums stay on the device: one scalar per key).
     """
 
     def __init__(
@@ -117,6 +129,7 @@ class MIUHandle:
         forward_model: nn.Module | None = None,
         tap_when: str = "always",
     ) -> None:
+        refuse_unsupported(model, forward_model)
         self.model = unwrap_model(model)
         self.forward_model = forward_model if forward_model is not None else model
         self.config = config
@@ -127,6 +140,9 @@ class MIUHandle:
                 "MIUConfig.clip='adaptive' needs full per-parameter gradients, which sharded "
                 "models (FSDP, DeepSpeed, Megatron) do not expose; use clip='norm'"
             )
+        dtype = autocast_dtype(self.runtime.precision)
+        if config.original_precision == "compute" and dtype is not None:
+            original = copy_frozen(original).to(dtype)  # the caller's module is left as it is
         self.original = original.to(self.runtime.device)
         self.tap = FeatureTap(self.model, feature_module, when=tap_when)  # type: ignore[arg-type]
         try:
@@ -138,7 +154,8 @@ class MIUHandle:
         self.critic_original: MIEstimator | None = None
         self.opt_critic_model: torch.optim.Optimizer | None = None
         self.opt_critic_original: torch.optim.Optimizer | None = None
-        self.generator = torch.Generator()
+        # Marginal groups are drawn on the run's device: no host-to-device copy per step.
+        self.generator = torch.Generator(device=self.runtime.device)
         self.generator.manual_seed(config.seed + 7919)
         self.feature_cache: Tensor | None = None
         # T_o(z_o_i, g) for every cached sample and group; valid until T_o changes.
@@ -146,7 +163,8 @@ class MIUHandle:
         self.epoch = 0
         self.counters = {"tune": 0, "forget": 0, "retain": 0}
         self.batch: Batch | None = None  # the batch being processed (blamed for NaN inputs)
-        self.logs: dict[str, list[Tensor]] = {}
+        self.log_counts: dict[str, int] = {}
+        self._log_sums: dict[str, Tensor] = {}
         self.enabled = True
         dim = infer_feature_dim(self.tap.module)
         if dim is not None:
@@ -194,9 +212,7 @@ class MIUHandle:
     def original_features(self, batch: Batch) -> Tensor:
         """Return z_o for ``batch``: from the cache when indexed, else a no-grad forward."""
         if self.feature_cache is not None and batch.index is not None:
-            return self.feature_cache[batch.index.to(self.feature_cache.device)].to(
-                self.runtime.device
-            )
+            return read_rows(self.feature_cache, batch.index, batch.host_index, self.runtime.device)
         original = self._original_ready()
         with self.runtime.autocast(), self.tap_original.capturing():
             forward_logits(original, batch.inputs)
@@ -208,7 +224,9 @@ class MIUHandle:
 
         ``loader`` must yield indexed batches (see :class:`~miu_hooks.data.IndexedDataset`)
         covering positions ``0..size-1``; later batches carrying ``index`` read
-        z_o from the cache instead of running the original model.
+        z_o from the cache instead of running the original model. On a GPU the
+        cache is kept in fp32, in bf16 or on the host depending on its size
+        (:mod:`miu_hooks.feature_cache`).
         """
         cache: Tensor | None = None
         self.feature_cache = None
@@ -218,10 +236,38 @@ class MIUHandle:
             assert batch.index is not None, "feature cache needs indexed batches"
             z = self.original_features(batch)
             if cache is None:
-                cache = torch.zeros(size, z.shape[1], dtype=torch.float32, device=z.device)
-            cache[batch.index] = z
+                cache = allocate_cache(size, int(z.shape[1]), z.device)
+            cache[batch.index.to(cache.device)] = z.to(cache.device, cache.dtype)
         self.feature_cache = cache
         return cache if cache is not None else torch.zeros(0)
+
+    def cache_features(
+        self,
+        train: Dataset,
+        *,
+        num_workers: int = 0,
+        progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
+    ) -> bool:
+        """Cache z_o of every sample of ``train`` (= D) when ``config.feature_cache`` allows.
+
+        ``"auto"`` caches when reading an item twice gives the same values (no
+        random augmentation); ``"on"`` always; ``"off"`` never. Batches whose
+        ``index`` is a position in ``train`` then read the cache. Returns whether
+        the cache was built.
+        """
+        cfg = self.config
+        if cfg.feature_cache == "off" or (
+            cfg.feature_cache == "auto" and not is_deterministic(train)
+        ):
+            return False
+        size = len(train)  # type: ignore[arg-type]
+        device = self.runtime.device
+        loader: Iterable[Any] = cache_loader(train, cfg.batch_size, device, num_workers)
+        if progress is not None:
+            loader = progress(loader, "caching original features")
+        self.build_feature_cache(loader, size)
+        logger.info("cached original-model features of %d samples", size)
+        return True
 
     def split(self, raw: Any) -> Batch:
         """Split a raw batch with the config's keys and move it to the device."""
@@ -242,28 +288,63 @@ class MIUHandle:
 
     # -- MI --------------------------------------------------------------------------
     def _marginal(self, n: int, device: torch.device) -> Tensor:
-        return torch.randint(0, self.num_groups, (n,), generator=self.generator).to(device)
+        gen = self.generator
+        if gen.device == device:
+            return torch.randint(0, self.num_groups, (n,), generator=gen, device=device)
+        return torch.randint(0, self.num_groups, (n,), generator=gen, device=gen.device).to(device)
 
-    def _mi_model(self, z_model: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Î_u on the (global) batch; returns it with the gathered groups and the g̃ drawn."""
+    def _reduce_max(self) -> Any:
+        """The all-reduce that puts rank-local checks on every rank (``None`` alone)."""
         rt = self.runtime
-        z_model = rt.gather(z_model)
-        groups = rt.gather(groups).long().reshape(-1)
-        check_group_range(groups, self.num_groups)  # once for both critics
+        return rt.all_reduce_max if rt.world_size > 1 else None
+
+    def _global_batch(
+        self, z_model: Tensor, groups: Tensor, extra: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Z (with autograd), groups and ``extra`` (detached rows) of the global batch.
+
+        With several processes, the groups, ``extra`` and this rank's verdict on
+        its pending local checks travel in one detached all-gather, so a check
+        that failed on one rank fails the step on every rank
+        (:meth:`~miu_hooks.checks.StepChecks.globalise`).
+        """
+        rt = self.runtime
+        groups = groups.long().reshape(-1)
+        if rt.world_size == 1:
+            return z_model, groups, extra
+        checks = active_checks()
+        n = int(z_model.shape[0])
+        code = checks.local_code(z_model.device) if checks is not None else z_model.new_zeros(())
+        z_all = rt.gather(z_model)  # the step's batch-size check, when the runtime makes one
+        cols = [groups.to(z_model.device).float().unsqueeze(1), code.float().expand(n, 1)]
+        if extra is not None:
+            cols.append(extra.detach().float())
+        meta = rt.gather_detached(torch.cat(cols, 1))
+        if checks is not None:
+            checks.globalise(meta[::n, 1])
+        return z_all, meta[:, 0].round().long(), (meta[:, 2:] if extra is not None else None)
+
+    def _mi_model(
+        self, z_model: Tensor, groups: Tensor, extra: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Î_u on the (global) batch, with the groups, the g̃ drawn and the gathered ``extra``."""
+        z_model, groups, extra = self._global_batch(z_model, groups, extra)
+        # Same value on every rank; clamped so a bad id cannot fault the device first.
+        groups = check_group_range(groups, self.num_groups, local=False)
         crit_u, _ = self._critics(z_model)
         marginal = self._marginal(z_model.shape[0], z_model.device)
-        return crit_u(z_model, groups, marginal, check_groups=False), groups, marginal
+        return crit_u(z_model, groups, marginal, check_groups=False), groups, marginal, extra
 
     def mi_pair(
         self, z_model: Tensor, z_original: Tensor | None, groups: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """Estimate Î_u and Î_o on the (global) batch with the same marginal groups."""
-        mi_u, groups, marginal = self._mi_model(z_model, groups)
-        if z_original is None:
+        extra = None if z_original is None else z_original.detach()
+        mi_u, groups, marginal, z_o = self._mi_model(z_model, groups, extra)
+        if z_o is None:
             return mi_u, None
         assert self.critic_original is not None
-        z_original = self.runtime.gather(z_original.detach())
-        return mi_u, self.critic_original(z_original, groups, marginal, check_groups=False)
+        return mi_u, self.critic_original(z_o, groups, marginal, check_groups=False)
 
     def _cached_original_rows(self, batch: Batch) -> Tensor | None:
         """T_o's scores of this batch's cached z_o for every group, or ``None``.
@@ -275,17 +356,19 @@ class MIUHandle:
         if self.feature_cache is None or batch.index is None or self.critic_original is None:
             return None
         if self._original_scores is None:
-            self._original_scores = self.critic_original.score_table(self.feature_cache)
+            self._original_scores = chunked_score_table(
+                self.critic_original.score_table, self.feature_cache, self.runtime.device
+            )
         table = self._original_scores
-        return table[batch.index.to(table.device)].to(self.runtime.device)
+        return table[batch.index.to(table.device)]
 
     def _mi_pair_cached(
         self, z_model: Tensor, rows: Tensor, groups: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:meth:`mi_pair` with Î_o read from T_o's score table (same marginal groups)."""
-        mi_u, groups, marginal = self._mi_model(z_model, groups)
-        rows = self.runtime.gather(rows)
-        assert self.critic_original is not None
+        mi_u, groups, marginal, gathered = self._mi_model(z_model, groups, rows)
+        assert self.critic_original is not None and gathered is not None
+        rows = gathered
         joint = rows.gather(1, groups.unsqueeze(1)).squeeze(1)
         marg = rows.gather(1, marginal.unsqueeze(1)).squeeze(1)
         return mi_u, self.critic_original.bound(joint, marg)
@@ -297,10 +380,15 @@ class MIUHandle:
             return
         was_training = self.model.training
         self.model.train()
+        saved = self._critic_snapshot()
         try:
-            with batchnorm_buffers_restored(self.model, self.config.restore_batchnorm):
+            with batchnorm_buffers_restored(self.model, self.config.restore_batchnorm), deferred(
+                self._reduce_max()
+            ) as checks:
                 for _ in range(steps):
                     self._tune_step(self.split(next(batches)))
+                # One host read for the whole phase; a failure puts the critics back.
+                self._flush(checks, restore=saved)
         finally:
             self.model.train(was_training)
             if self.critic_model is not None and self.critic_original is not None:
@@ -322,7 +410,7 @@ class MIUHandle:
         mi_u, mi_o = self.mi_pair(z_u, z_o, batch.groups)
         assert mi_o is not None
         loss = -(mi_u + mi_o)
-        self.check_finite(loss, "critic tuning", "-(I_u + I_o)")
+        self.check_finite(loss, "critic tuning", "-(I_u + I_o)", local=False)
         self.opt_critic_model.zero_grad(set_to_none=True)
         self.opt_critic_original.zero_grad(set_to_none=True)
         loss.backward()
@@ -341,15 +429,14 @@ class MIUHandle:
         ``"floor"`` max(0, Î_u), ``"smile"`` SMILE's clipped estimate floored at zero,
         ``"dv"`` Î_u itself (the paper's, unbounded below). ``miu/forget_mi`` logs Î_u.
         """
-        rt = self.runtime
-        z = rt.gather(z_model)
-        groups = rt.gather(groups).long().reshape(-1)
-        check_group_range(groups, self.num_groups)
+        z, groups, _ = self._global_batch(z_model, groups, None)
+        # Same value on every rank; clamped so a bad id cannot fault the device first.
+        groups = check_group_range(groups, self.num_groups, local=False)
         crit_u, _ = self._critics(z)
         marginal = self._marginal(z.shape[0], z.device)
         joint, marg = crit_u.scores_pair(z.float(), groups, marginal, check_groups=False)
         mi_u = crit_u.bound(joint, marg)
-        self.check_finite(mi_u, "forget", "I_u")
+        self.check_finite(mi_u, "forget", "I_u", local=False)
         self._log("miu/forget_mi", mi_u)
         cfg = self.config
         return forget_objective(joint, marg, mi_u, cfg.forget_objective, cfg.smile_tau)
@@ -357,8 +444,9 @@ class MIUHandle:
     def retain_penalty(self, z_model: Tensor, batch: Batch) -> Tensor:
         """λ·(Î_u − sg Î_o)² on a retain batch, both with the same marginal groups."""
         self.batch = batch
-        cal = self._calibration(z_model, batch)
-        self.check_finite(cal, "retain", "calibration")
+        with deferred(self._reduce_max()):
+            cal = self._calibration(z_model, batch)
+            self.check_finite(cal, "retain", "calibration", local=False)
         self.counters["retain"] += 1
         return self.config.mi_weight * cal
 
@@ -383,19 +471,19 @@ class MIUHandle:
         (:meth:`retain_objective`).
         """
         self.batch = batch
-        ce = checked_cross_entropy(logits, batch.labels)
-        z_model = self.tap.pop()
-        if not (self.enabled and self.config.calibrate and self.config.mi_weight > 0):
+        # Every check of the step is read once: here, or by the caller's step when
+        # one is open (miu_hooks.unlearn reads them right before its optimiser step).
+        with deferred(self._reduce_max()):
+            ce = checked_cross_entropy(logits, batch.labels)
             self.check_finite(ce, "retain", "cross-entropy")
-            self.counters["retain"] += 1
-            return ce
-        cal = self._calibration(z_model, batch)
-        loss = self.retain_objective(ce, self.config.mi_weight * cal)
-        if not bool(torch.isfinite(loss.detach())):  # one sync; name the term on failure
-            self.check_finite(ce, "retain", "cross-entropy")
-            self.check_finite(cal, "retain", "calibration")
-            self.check_finite(loss, "retain", "CE + λ·calibration")
-        self._log("miu/ce", ce)
+            z_model = self.tap.pop()
+            if not (self.enabled and self.config.calibrate and self.config.mi_weight > 0):
+                self.counters["retain"] += 1
+                return ce
+            cal = self._calibration(z_model, batch)
+            self.check_finite(cal, "retain", "calibration", local=False)
+            loss = self.retain_objective(ce, self.config.mi_weight * cal)
+            self._log("miu/ce", ce)
         self.counters["retain"] += 1
         return loss
 
@@ -419,7 +507,11 @@ class MIUHandle:
         if self.config.clip != "adaptive":
             return ce + term
         scale = adaptive_calibration_scale(
-            ce, term, self.model.parameters(), all_reduce=self.runtime.all_reduce_mean
+            ce,
+            term,
+            self.model.parameters(),
+            all_reduce=self.runtime.all_reduce_mean,
+            scale_loss=self.runtime.scale_loss,
         )
         self._log("miu/adaptive_scale", scale)
         return ce + scale * term
@@ -430,15 +522,17 @@ class MIUHandle:
         self.forward_model.train()
         for raw in loader:
             batch = self.split(raw)
-            optimizer.zero_grad(set_to_none=True)
-            with rt.autocast():
-                forward_logits(self.forward_model, batch.inputs)
-            loss = self.forget_loss(self.tap.pop(), batch.groups)
-            rt.backward(loss)
-            rt.sync_model_grads(self.model)
-            if cfg.max_grad_norm is not None:
-                rt.clip_grad_norm(optimizer, self.model.parameters(), cfg.max_grad_norm)
-            rt.step(optimizer)
+            with deferred(self._reduce_max()) as checks:
+                optimizer.zero_grad(set_to_none=True)
+                with rt.autocast():
+                    forward_logits(self.forward_model, batch.inputs)
+                loss = self.forget_loss(self.tap.pop(), batch.groups)
+                rt.backward(loss)
+                rt.sync_model_grads(self.model)
+                if cfg.max_grad_norm is not None:
+                    rt.clip_grad_norm(optimizer, self.model.parameters(), cfg.max_grad_norm)
+                self._flush(checks, optimizer=optimizer)  # the step's one host read
+                rt.step(optimizer)
             self.counters["forget"] += 1
 
     def epoch_start(
@@ -457,36 +551,84 @@ class MIUHandle:
             self.forget_pass(forget_loader, optimizer)
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def check_finite(self, value: Tensor, phase: str, term: str) -> None:
-        """Raise when ``value`` is NaN/Inf: a data error if the batch's inputs are, else a loss one.
+    def check_finite(self, value: Tensor, phase: str, term: str, *, local: bool = True) -> None:
+        """Require ``value`` to be finite, read with the step's other checks.
+
+        Inside a :func:`~miu_hooks.checks.deferred` scope the check is read with
+        the step's others, at once outside one. ``local=False`` marks a value
+        computed from the global batch (equal on every rank).
 
         Raises:
             NonFiniteInputError: The batch being processed holds NaN/Inf inputs.
             NonFiniteLossError: The inputs are finite; the message names the step
                 and the steps finished before it.
         """
-        if bool(torch.isfinite(value.detach()).all()):
-            return
-        c = self.counters
-        where = (
-            f"the {phase} step at epoch {self.epoch} (finished before it: {c['tune']} "
-            f"critic-tuning, {c['forget']} forget and {c['retain']} retain steps)"
-        )
-        if self.batch is not None:
-            raise_if_nonfinite_inputs(self.batch, where)
-        raise NonFiniteLossError(
-            f"non-finite {term} ({float(value.detach().float().reshape(-1)[0])}) in {where}; "
-            "lower lr or mine_lr, or enable max_grad_norm"
-        )
+        epoch, c, batch = self.epoch, dict(self.counters), self.batch
+
+        def error() -> MIUError:  # evaluated only when a check failed
+            where = (
+                f"the {phase} step at epoch {epoch} (finished before it: {c['tune']} "
+                f"critic-tuning, {c['forget']} forget and {c['retain']} retain steps)"
+            )
+            if batch is not None:
+                raise_if_nonfinite_inputs(batch, where)
+            return NonFiniteLossError(
+                f"non-finite {term} ({float(value.detach().float().reshape(-1)[0])}) in "
+                f"{where}; lower lr or mine_lr, or enable max_grad_norm"
+            )
+
+        require(torch.isfinite(value.detach()), error, NON_FINITE, local=local)
+
+    def _flush(
+        self,
+        checks: StepChecks,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        restore: dict[str, Any] | None = None,
+    ) -> None:
+        """Read the pending checks; on failure drop the gradients / restore the critics."""
+        try:
+            checks.flush(self._reduce_max())
+        except MIUError:
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            if restore is not None:
+                self._restore_critics(restore)
+            raise
+
+    def _critic_snapshot(self) -> dict[str, Any]:
+        """Copies (on the device, no host read) of the critics and their optimisers."""
+        if self.critic_model is None or self.critic_original is None:
+            return {}
+        assert self.opt_critic_model is not None and self.opt_critic_original is not None
+        return {
+            "critic_model": copy.deepcopy(self.critic_model.state_dict()),
+            "critic_original": copy.deepcopy(self.critic_original.state_dict()),
+            "opt_critic_model": copy.deepcopy(self.opt_critic_model.state_dict()),
+            "opt_critic_original": copy.deepcopy(self.opt_critic_original.state_dict()),
+        }
+
+    def _restore_critics(self, saved: dict[str, Any]) -> None:
+        for name, value in saved.items():
+            getattr(self, name).load_state_dict(value)
+        self._original_scores = None
 
     def _log(self, key: str, value: Tensor) -> None:
-        self.logs.setdefault(key, []).append(value.detach())
+        value = value.detach().float()
+        total = self._log_sums.get(key)
+        self._log_sums[key] = value if total is None else total + value
+        self.log_counts[key] = self.log_counts.get(key, 0) + 1
 
     def pop_logs(self) -> dict[str, float]:
-        """Return the mean of each logged term since the last call, and reset."""
-        out = {k: float(torch.stack(v).float().mean()) for k, v in self.logs.items() if v}
-        self.logs = {}
-        return out
+        """Return the mean of each logged term since the last call, and reset (one host read)."""
+        keys = [k for k, n in self.log_counts.items() if n]
+        sums, counts = self._log_sums, self.log_counts
+        self._log_sums, self.log_counts = {}, {}
+        if not keys:
+            return {}
+        device = sums[keys[0]].device
+        means = torch.stack([sums[k].to(device) / counts[k] for k in keys]).tolist()
+        return dict(zip(keys, means, strict=True))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Critics, EMA buffers, critic-optimizer momentum, RNG and counters (flat tensors)."""

@@ -2,6 +2,7 @@ r"""``MIEstimator``: the MINE statistics network with its EMA state."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -10,12 +11,14 @@ from torch import Tensor, nn
 
 from miu_hooks.errors import ConfigError, ModelError
 from miu_hooks.functional import check_group_range, ema_log_mean_exp, log_mean_exp
+from miu_hooks.precision import exact_fp32
 
 __all__ = ["MIEstimator"]
 
 
-def _autocast_off(device_type: str) -> torch.autocast:
-    return torch.autocast(device_type=device_type, enabled=False)
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[None]:
+    # Autocast off and IEEE fp32 matmuls (no TF32): the MI terms stay fp32.
+    return exact_fp32(device_type)
 
 
 class MIEstimator(nn.Module):

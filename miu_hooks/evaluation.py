@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from miu_hooks.data import forward_logits, split_batch
 from miu_hooks.errors import ConfigTypeError, DataError, EmptyForgetSetError, GroupRangeError
 from miu_hooks.functional import group_counts
+from miu_hooks.loader_options import loader_options
 from miu_hooks.metrics import (
     GroupIds,
     accuracy,
@@ -152,6 +153,7 @@ def predict(
     input_key: str | None = None,
     label_key: str | None = None,
     group_key: str = "group",
+    num_workers: int = 0,
 ) -> Predictions:
     """Run ``model`` over ``data`` in order and return its per-sample :class:`Predictions`.
 
@@ -167,6 +169,7 @@ def predict(
         input_key: Input column of mapping items (see :func:`miu_hooks.data.split_batch`).
         label_key: Label column of mapping items.
         group_key: Group column of mapping items.
+        num_workers: DataLoader worker processes (batches are pinned for CUDA).
 
     Raises:
         GroupRangeError: A label is outside the logits' classes.
@@ -183,23 +186,34 @@ def predict(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     keys = {"input_key": input_key, "label_key": label_key, "group_key": group_key}
     with inference(model):
-        return _run(model, name, data, batch_size, device, keys)
+        return _run(model, name, data, batch_size, device, keys, num_workers)
 
 
-def _run(model: nn.Module, name: str, data: Dataset, bs: int, dev: Any, keys: Any) -> Predictions:
-    """Return the :class:`Predictions` of ``model`` on ``data`` (model already in inference)."""
+def _run(
+    model: nn.Module, name: str, data: Dataset, bs: int, dev: Any, keys: Any, workers: int = 0
+) -> Predictions:
+    """Return the :class:`Predictions` of ``model`` on ``data`` (model already in inference).
+
+    Results stay on the device until the end: one label-range read and one copy
+    to the host per set, not per batch.
+    """
     parts: list[list[Tensor]] = [[], [], [], []]
-    for raw in DataLoader(data, batch_size=bs, shuffle=False):
+    in_range: list[Tensor] = []
+    num_classes = 0
+    loader = DataLoader(data, batch_size=bs, shuffle=False, **loader_options(data, dev, workers))
+    for raw in loader:
         batch = split_batch(raw, **keys).to(dev)
         logits, y = forward_logits(model, batch.inputs).float(), batch.labels
-        if len(batch) and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
-            raise GroupRangeError(f"{name} labels must lie in [0, {logits.shape[1]}), the logits")
-        loss = F.cross_entropy(logits, y, reduction="none")
+        num_classes = int(logits.shape[1])
+        in_range.append(((y >= 0) & (y < num_classes)).all())
+        loss = F.cross_entropy(logits, y.clamp(0, num_classes - 1), reduction="none")
         for part, t in zip(parts, (logits.argmax(-1), y, batch.groups, loss), strict=True):
-            part.append(t.cpu())
+            part.append(t)
     if not parts[0]:
         raise DataError(f"the {name} set is empty")
-    return Predictions(*(torch.cat(part) for part in parts))
+    if not bool(torch.stack(in_range).all()):
+        raise GroupRangeError(f"{name} labels must lie in [0, {num_classes}), the logits")
+    return Predictions(*(torch.cat(part).cpu() for part in parts))
 
 
 def evaluate(
@@ -218,6 +232,7 @@ def evaluate(
     input_key: str | None = None,
     label_key: str | None = None,
     group_key: str = "group",
+    num_workers: int = 0,
 ) -> Report:
     """Evaluate ``model`` on the retain, forget and test sets (METHOD.md §5).
 
@@ -240,6 +255,7 @@ def evaluate(
         input_key: Input column of mapping items (see :func:`miu_hooks.data.split_batch`).
         label_key: Label column of mapping items.
         group_key: Group column of mapping items.
+        num_workers: DataLoader worker processes (batches are pinned for CUDA).
 
     Raises:
         ConfigTypeError: ``reference`` is not a Report or mapping (e.g. a model).
@@ -267,7 +283,9 @@ def evaluate(
     sets = {"retain": retain, "forget": forget, "test": test}
     sets.update({} if val is None else {"val": val})
     with inference(model):
-        out = {k: _run(model, k, d, batch_size, device, keys) for k, d in sets.items()}
+        out = {
+            k: _run(model, k, d, batch_size, device, keys, num_workers) for k, d in sets.items()
+        }
     if num_groups is None:
         num_groups = max(int(o[2].max()) for o in out.values()) + 1
     counts = {k: dict(enumerate(group_counts(o[2], num_groups).tolist())) for k, o in out.items()}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from miu_hooks.checks import GROUP_RANGE, LABEL_RANGE, require
 from miu_hooks.errors import ConfigError, EmptyGroupError, GroupRangeError
 
 __all__ = [
@@ -79,23 +80,31 @@ def group_counts(groups: Tensor, num_groups: int) -> Tensor:
     return torch.bincount(groups, minlength=num_groups)
 
 
-def check_group_range(groups: Tensor, num_groups: int) -> None:
-    """Raise :class:`GroupRangeError` unless every id lies in ``[0, num_groups)``.
+def check_group_range(groups: Tensor, num_groups: int, *, local: bool = True) -> Tensor:
+    """Require every id to lie in ``[0, num_groups)``; return the ids clamped into it.
 
-    One host sync, whatever the device.
+    Outside a :func:`~miu_hooks.checks.deferred` scope this raises
+    :class:`GroupRangeError` at once (one host sync, whatever the device); inside
+    one the check is read with the step's other checks, and the clamped ids keep
+    a device lookup (an embedding row per group) from faulting meanwhile.
 
     Example:
-        >>> check_group_range(torch.tensor([0, 3]), 4)
+        >>> check_group_range(torch.tensor([0, 3]), 4).tolist()
+        [0, 3]
         >>> check_group_range(torch.tensor([0, 4]), 4)
         Traceback (most recent call last):
         ...
         miu_hooks.errors.GroupRangeError: group id 4 is outside [0, 4)
     """
     if not groups.numel():
-        return
+        return groups
     bad = (groups < 0) | (groups >= num_groups)
-    if bool(bad.any()):
-        raise GroupRangeError(f"group id {int(groups[bad][0])} is outside [0, {num_groups})")
+
+    def error() -> GroupRangeError:
+        return GroupRangeError(f"group id {int(groups[bad][0])} is outside [0, {num_groups})")
+
+    require(bad.logical_not(), error, GROUP_RANGE, local=local)
+    return groups.clamp(0, num_groups - 1)
 
 
 def group_weights(
@@ -288,14 +297,24 @@ def calibration_loss(mi_model: Tensor, mi_original: Tensor) -> Tensor:
 def checked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy in fp32, with a clear error for labels outside the logits.
 
+    The label check goes through :func:`~miu_hooks.checks.require`: read at once
+    outside a step scope, with the step's other checks inside one (the loss is
+    then computed on clamped labels, so a bad label never reaches the device
+    kernel, where it would be a fatal assert rather than an error).
+
     Example:
         >>> round(float(checked_cross_entropy(torch.zeros(2, 2), torch.tensor([0, 1]))), 4)
         0.6931
     """
     num_classes = logits.shape[-1]
+    if not labels.numel():
+        return F.cross_entropy(logits.float(), labels)
     bad = (labels < 0) | (labels >= num_classes)
-    if labels.numel() and bool(bad.any()):  # one host sync
-        raise GroupRangeError(
+
+    def error() -> GroupRangeError:
+        return GroupRangeError(
             f"label {int(labels[bad][0])} is outside [0, {num_classes}) (the model's logits)"
         )
-    return F.cross_entropy(logits.float(), labels)
+
+    require(bad.logical_not(), error, LABEL_RANGE)
+    return F.cross_entropy(logits.float(), labels.clamp(0, num_classes - 1))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from miu_hooks.errors import ConfigError
+from miu_hooks.precision import autocast_dtype, resolve_precision
 
 __all__ = ["LocalRuntime", "Runtime", "resolve_device", "unwrap_optimizer"]
 
@@ -41,9 +42,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside a wrapper such as Accelerate's ``AcceleratedOptimizer``.
 
@@ -65,12 +63,18 @@ class Runtime:
 
     Attributes:
         device: Where batches go.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (``"auto"`` is resolved
+            for the device by :func:`~miu_hooks.precision.resolve_precision`).
+        check_sizes: Whether :meth:`gather` first checks that every process
+            passes the same batch size (a collective and a host read); off where
+            the loaders give equal batches by construction.
     """
+
+    check_sizes: bool = False
 
     def __init__(self, device: torch.device, precision: str = "fp32") -> None:
         self.device = device
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)
 
     # -- distributed -------------------------------------------------------
     @property
@@ -83,12 +87,24 @@ class Runtime:
         """Whether this process writes files and logs."""
         return True
 
-    def gather(self, tensor: Tensor) -> Tensor:
-        """Concatenate ``tensor`` over processes along dim 0, keeping autograd."""
+    def gather(self, tensor: Tensor, *, check_sizes: bool | None = None) -> Tensor:
+        """Concatenate ``tensor`` over processes along dim 0, keeping autograd.
+
+        ``check_sizes`` overrides :attr:`check_sizes` for this call (the engine
+        checks the first gather of a step only).
+        """
+        return tensor
+
+    def gather_detached(self, tensor: Tensor) -> Tensor:
+        """Concatenate ``tensor`` over processes along dim 0, without autograd."""
         return tensor
 
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
         """Average ``tensor`` over processes (in place where possible) and return it."""
+        return tensor
+
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        """Element-wise maximum of ``tensor`` over processes (in place) and return it."""
         return tensor
 
     def sync_model_grads(self, model: nn.Module) -> None:
@@ -97,13 +113,22 @@ class Runtime:
     # -- numerics ------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """Context for model forwards at the configured precision."""
-        if self.precision == "fp32":
+        dtype = autocast_dtype(self.precision)
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def backward(self, loss: Tensor) -> None:
         """Back-propagate ``loss``."""
         loss.backward()
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` times the fp16 loss scale (unchanged without a gradient scaler).
+
+        For gradients taken outside :meth:`backward` (``torch.autograd.grad``):
+        fp16 activations' gradients underflow without the scale. No host read.
+        """
+        return loss
 
     def clip_grad_norm(
         self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], max_norm: float
@@ -129,7 +154,7 @@ class LocalRuntime(Runtime):
 
     Args:
         device: Where batches go.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         scaler: ``"auto"`` (a new ``GradScaler`` under fp16), a scaler to share
             (e.g. the Trainer's), or ``None``.
 
@@ -145,7 +170,7 @@ class LocalRuntime(Runtime):
     ) -> None:
         super().__init__(device, precision)
         if isinstance(scaler, str):  # "auto": a fresh scaler under fp16, none otherwise
-            scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+            scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.scaler: Any = scaler
 
     def backward(self, loss: Tensor) -> None:
@@ -153,6 +178,9 @@ class LocalRuntime(Runtime):
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def clip_grad_norm(
         self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], max_norm: float

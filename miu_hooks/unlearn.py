@@ -14,12 +14,16 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from miu_hooks.atomic import atomic_save_safetensors
+from miu_hooks.checks import deferred
 from miu_hooks.config import TrainConfig
+from miu_hooks.data import indexed
 from miu_hooks.engine import OriginalSpec, resolve_original
 from miu_hooks.errors import CheckpointError, NonFiniteInputError, NonFiniteLossError
 from miu_hooks.guard import GuardOutcome, build_guard
+from miu_hooks.loader_options import loader_options
 from miu_hooks.methods import RunContext
-from miu_hooks.methods.base import SeededLoader, ShuffleSampler, indexed
+from miu_hooks.methods.base import SeededLoader, ShuffleSampler
+from miu_hooks.precision import tf32_matmul
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.sampling import GroupReweightSampler
 from miu_hooks.seeding import epoch_seed
@@ -87,6 +91,7 @@ def _loaders(
     train_groups: Tensor,
     num_groups: int,
     cfg: TrainConfig,
+    device: torch.device,
 ) -> tuple[SeededLoader, SeededLoader, SeededLoader]:
     if cfg.reweight:
         retain_sampler: Any = GroupReweightSampler(
@@ -94,20 +99,16 @@ def _loaders(
         )
     else:
         retain_sampler = ShuffleSampler(len(retain_groups), seed=cfg.seed)
-    bs, nw = cfg.batch_size, cfg.num_workers
+    bs = cfg.batch_size
+    options = loader_options(retain, device, cfg.num_workers)  # pinned for CUDA, workers
     n_forget, n_train = len(forget), len(train)  # type: ignore[arg-type]
     return (
-        SeededLoader(indexed(retain), sampler=retain_sampler, batch_size=bs, num_workers=nw),
-        SeededLoader(
-            forget, sampler=ShuffleSampler(n_forget, cfg.seed + 1), batch_size=bs, num_workers=nw
-        ),
-        SeededLoader(
-            indexed(train),
-            sampler=ShuffleSampler(n_train, cfg.seed + 2),
-            batch_size=bs,
-            num_workers=nw,
-        ),
-    )
+        SeededLoader(indexed(retain), sampler=retain_sampler, batch_size=bs, **options),
+        SeededLoader(forget, sampler=ShuffleSampler(n_forget, cfg.seed + 1), batch_size=bs,
+                     **options),
+        SeededLoader(indexed(train), sampler=ShuffleSampler(n_train, cfg.seed + 2), batch_size=bs,
+                     **options),
+    )  # fmt: skip
 
 
 def _save_state(
@@ -130,16 +131,20 @@ def _save_state(
     atomic_save_safetensors(path, tensors, {**meta, "epoch": str(epoch), "scheduler": schedule})
 
 
-def _load_state(
-    path: Path, meta: dict[str, str], device: torch.device
-) -> tuple[int, dict[str, Tensor], dict[str, Any]]:
+def _load_state(path: Path, meta: dict[str, str]) -> tuple[int, dict[str, Tensor], dict[str, Any]]:
+    """Read a resume state on the CPU.
+
+    ``model.load_state_dict`` copies onto the model's device, and the optimiser
+    moves its state next to each parameter, except AdamW's ``step`` counters,
+    which must stay CPU tensors (a CUDA ``step`` costs host reads in every step).
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as f:
             saved_meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
     except Exception as exc:
         raise CheckpointError(f"cannot read resume state {path}: {exc}") from exc
     for key in ("method", "config"):
@@ -319,10 +324,10 @@ def unlearn(
         state_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"method": name, "config": cfg.to_json()}
     fork_devices = [rt.device.index or 0] if rt.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=fork_devices), tf32_matmul(rt.device):
         torch.manual_seed(cfg.seed)
         retain_loader, forget_loader, tune_loader = _loaders(
-            retain, forget, train, retain_groups, full_train_groups, num_groups, cfg
+            retain, forget, train, retain_groups, full_train_groups, num_groups, cfg, rt.device
         )
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
@@ -350,7 +355,7 @@ def unlearn(
         try:
             start = 0
             if resume and state_path is not None and state_path.exists():
-                done, tensors, schedule = _load_state(state_path, meta, rt.device)
+                done, tensors, schedule = _load_state(state_path, meta)
                 model.load_state_dict(unprefixed(tensors, "model."))
                 load_flat_optimizer_state(optimizer, tensors, prefix="opt.")
                 runner.load_state_dict(unprefixed(tensors, "method."))
@@ -365,7 +370,9 @@ def unlearn(
                     loader.set_epoch(epoch)
                 torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout etc., per epoch
                 try:
-                    runner.run_epoch(ctx, epoch)
+                    # One scope per epoch: each optimiser step reads its checks once.
+                    with deferred(ctx.reduce_max()):
+                        runner.run_epoch(ctx, epoch)
                 except (NonFiniteLossError, NonFiniteInputError) as exc:  # NaN data too
                     if guard is None or guard.outcome.final_only:
                         raise

@@ -42,6 +42,7 @@ from miu_hooks.errors import (
 from miu_hooks.methods import ResolvedRun, resolve_run
 from miu_hooks.runtime import resolve_device
 from miu_hooks.taps import FeatureTap, feature_width_error, infer_feature_dim
+from miu_hooks.wrappers import unsupported_reason
 
 __all__ = [
     "RunCheck",
@@ -239,6 +240,9 @@ def check_run(
             resolve_device(cfg.device)
         except MIUError as exc:
             problems.append(exc)
+    wrapper = unsupported_reason(model)
+    if wrapper is not None:
+        problems.append(ModelError(wrapper))
     empty = torch.zeros(0, dtype=torch.long)
     columns: list[tuple[Tensor, Tensor]] = []
     for name, dataset in (("retain", retain), ("forget", forget)):
@@ -259,7 +263,7 @@ def check_run(
                                     "(positions count from 0): fix or drop those samples")
             )  # fmt: skip
     classes: int | None = None
-    if retain_groups.numel():
+    if retain_groups.numel() and wrapper is None:
         with torch.random.fork_rng(devices=[]):
             try:
                 taps = run is not None and run.method_class.needs_features
@@ -306,7 +310,8 @@ def validate(
     """Return every problem :func:`~miu_hooks.unlearn` would meet, without doing any work.
 
     Checks, in order: the method name and the config (:func:`~miu_hooks.methods.resolve_run`)
-    and the device; the group ids of both sets and the split (empty sets, ids
+    and the device; that the model is neither an ``nn.DataParallel`` nor a
+    ``torch.compile`` wrapper; the group ids of both sets and the split (empty sets, ids
     out of range, groups emptied by the forget set); then one evaluation
     forward of ``model`` on ``retain[0]`` (no gradients, modes and the global
     RNG restored): that the output carries logits and, for methods that tap

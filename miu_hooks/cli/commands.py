@@ -126,8 +126,13 @@ class _Group(click.Group):
 _CONFIG_FIELDS = (
     "epochs", "forget_epochs", "lr", "mi_weight", "batch_size", "precision", "device", "seed",
     "mine_lr", "weight_decay", "optimizer", "scheduler", "max_grad_norm", "clip", "reweight",
-    "num_sensitive", "guard", "guard_threshold",
+    "num_sensitive", "guard", "guard_threshold", "num_workers",
 )  # fmt: skip
+
+
+def image_workers() -> int:
+    """Default ``--num-workers`` for image data: up to 4, leaving one core to the main process."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def _config(path: str | None, opts: dict[str, Any]) -> Any:
@@ -262,8 +267,17 @@ _PATH = click.Path(dir_okay=True, path_type=str)
 @_opt("--lr", type=float, help="Learning rate.")
 @_opt("--lambda", "--mi-weight", "mi_weight", type=float, help="λ, MI calibration weight.")
 @_opt("--batch-size", type=int, help="Batch size.")
-@_opt("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision.")
+@_opt(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="Autocast precision [auto: bf16 on GPUs with bf16, else fp16; fp32 on CPU].",
+)
 @_opt("--device", help="auto, cpu, cuda or cuda:N.")
+@_opt(
+    "--num-workers",
+    type=int,
+    help="DataLoader worker processes [images: up to 4 (decoding off the main thread); else 0].",
+)
 @_opt("--seed", type=int, help="Seed of every random draw.")
 @_opt("--mine-lr", type=float, help="Critic learning rate.")
 @_opt("--weight-decay", type=float, help="Weight decay.")
@@ -345,6 +359,8 @@ def cli(ctx: click.Context, **opts: Any) -> None:
         overwrite=opts["overwrite"],
         original=opts["original"],
     )
+    if opts["num_workers"] is None and prep.data.kind != "tensors" and not config.num_workers:
+        config = config.replace(num_workers=image_workers())  # decode images in workers
     _log_request(prep, console.log)
     console.log(f"forgetting {len(prep.plan.forget)} of {len(prep.data)} samples:")
     _print_counts(prep, console.log)

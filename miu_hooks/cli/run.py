@@ -50,6 +50,7 @@ from miu_hooks.ledger import Ledger
 from miu_hooks.methods import resolve_run
 from miu_hooks.metrics import accuracy, avg_gap, per_group_accuracy, tow
 from miu_hooks.original import save_weights
+from miu_hooks.precision import resolve_precision, tf32_matmul
 from miu_hooks.runtime import resolve_device
 from miu_hooks.splits import subset
 from miu_hooks.unlearn import unlearn
@@ -93,6 +94,7 @@ def evaluate_model(
     num_sensitive: int,
     forget_groups: tuple[int, ...] | None = None,
     batch_size: int = 256,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Return the metrics of ``model`` as a JSON-ready dict.
 
@@ -112,10 +114,12 @@ def evaluate_model(
             num_sensitive=num_sensitive,
             forget_groups=forget_groups,
             batch_size=batch_size,
+            num_workers=num_workers,
         )
         return rep.to_dict()
-    r_pred, r_lab, r_grp, _ = predict(model, retain, name="retain", batch_size=batch_size)
-    f_pred, f_lab, _, _ = predict(model, forget, name="forget", batch_size=batch_size)
+    bs, nw = batch_size, num_workers
+    r_pred, r_lab, r_grp, _ = predict(model, retain, name="retain", batch_size=bs, num_workers=nw)
+    f_pred, f_lab, _, _ = predict(model, forget, name="forget", batch_size=bs, num_workers=nw)
     per_group = per_group_accuracy(r_pred, r_lab, r_grp, num_groups)
     return {
         "RA": accuracy(r_pred, r_lab),
@@ -222,7 +226,9 @@ def execute(
         KeyboardInterrupt: Interrupted; the work folder is kept for ``resume``.
     """
     method, _, config = resolve_run(method, config)  # record what runs (e.g. reweight: true)
-    with torch_threads(threads):
+    device = resolve_device(config.device)
+    config = config.replace(precision=resolve_precision(config.precision, device))
+    with torch_threads(threads), tf32_matmul(device):
         return _execute(prep, config, method, feature_module, image_size, resume, console)
 
 
@@ -277,6 +283,7 @@ def _execute(
             num_groups=plan.num_groups,
             num_sensitive=num_sensitive,
             forget_groups=prep.forget_groups,
+            num_workers=config.num_workers,
         )
 
     evals = {k: (d, i) for k, d, i in (("--test", test, prep.test), ("--val", val, prep.val))

@@ -10,15 +10,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from miu_hooks.checks import NON_FINITE, deferred, require
 from miu_hooks.config import TrainConfig
 from miu_hooks.data import (
     Batch,
-    IndexedDataset,
     forward_logits,
     raise_if_nonfinite_inputs,
     split_batch,
 )
-from miu_hooks.errors import NonFiniteLossError, StateError
+from miu_hooks.errors import MIUError, NonFiniteLossError, StateError
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.runtime import Runtime
 from miu_hooks.sampling import TrainBatchSampler
@@ -247,36 +247,56 @@ class RunContext:
         with self.runtime.autocast():
             return forward_logits(model or self.model, batch.inputs)
 
+    def reduce_max(self) -> Callable[[Tensor], Tensor] | None:
+        """The all-reduce that puts rank-local checks on every rank (``None`` alone)."""
+        return self.runtime.all_reduce_max if self.runtime.world_size > 1 else None
+
     def step(self, loss: Tensor, phase: str, *, mask: dict[str, Tensor] | None = None) -> None:
         """Check ``loss`` is finite, back-propagate, (mask,) clip and step the model.
+
+        Every check of the step (this one, the label range of
+        :func:`~miu_hooks.functional.checked_cross_entropy`, MIU's terms) is read
+        in one host sync right before the optimiser step
+        (:mod:`miu_hooks.checks`), so the GPU is never stalled twice in a step.
 
         Raises:
             NonFiniteInputError: ``loss`` is NaN or Inf and so are inputs of the
                 current batch (the data are bad, not the training).
             NonFiniteLossError: ``loss`` is NaN or Inf; weights are left as they were.
+            GroupRangeError: A label lies outside the logits (weights left as they were).
         """
-        if not bool(torch.isfinite(loss.detach()).all()):
-            done = ", ".join(f"{n} {p}" for p, n in self.steps.items()) or "none"
+        steps, epoch, batch = dict(self.steps), self.epoch, self.batch
+
+        def error() -> MIUError:  # evaluated only when a check failed
+            done = ", ".join(f"{n} {p}" for p, n in steps.items()) or "none"
             where = (
-                f"the {phase} step at epoch {self.epoch} ({phase} step "
-                f"{self.steps.get(phase, 0) + 1} of the run; steps finished before it: {done})"
+                f"the {phase} step at epoch {epoch} ({phase} step "
+                f"{steps.get(phase, 0) + 1} of the run; steps finished before it: {done})"
             )
-            if self.batch is not None:
-                raise_if_nonfinite_inputs(self.batch, where)
-            raise NonFiniteLossError(
+            if batch is not None:
+                raise_if_nonfinite_inputs(batch, where)
+            return NonFiniteLossError(
                 f"non-finite loss ({float(loss.detach().float())}) in {where}; lower lr or "
                 "enable max_grad_norm"
             )
+
         rt, cfg = self.runtime, self.config
-        self.optimizer.zero_grad(set_to_none=True)
-        rt.backward(loss)
-        if mask is not None:
-            for name, param in self.model.named_parameters():
-                if param.grad is not None and name in mask:
-                    param.grad.mul_(mask[name])
-        if cfg.max_grad_norm is not None:
-            rt.clip_grad_norm(self.optimizer, self.model.parameters(), cfg.max_grad_norm)
-        rt.step(self.optimizer)
+        with deferred(self.reduce_max()) as checks:
+            require(torch.isfinite(loss.detach()), error, NON_FINITE)
+            self.optimizer.zero_grad(set_to_none=True)
+            rt.backward(loss)
+            if mask is not None:
+                for name, param in self.model.named_parameters():
+                    if param.grad is not None and name in mask:
+                        param.grad.mul_(mask[name])
+            if cfg.max_grad_norm is not None:
+                rt.clip_grad_norm(self.optimizer, self.model.parameters(), cfg.max_grad_norm)
+            try:
+                checks.flush(self.reduce_max())  # the step's one host read
+            except MIUError:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise
+            rt.step(self.optimizer)
         self.steps[phase] = self.steps.get(phase, 0) + 1
 
     def batches(self, loader: Iterable[Any], desc: str) -> Iterator[Batch]:
@@ -338,8 +358,3 @@ class UnlearningMethod:
         ctx.model.train()
         for batch in ctx.batches(ctx.retain_loader, f"epoch {ctx.epoch} {desc}"):
             ctx.step(loss_fn(ctx.logits(batch), batch), desc)
-
-
-def indexed(dataset: Dataset) -> IndexedDataset:
-    """Return ``dataset`` with positions attached to its items."""
-    return dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)

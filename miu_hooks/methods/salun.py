@@ -35,7 +35,7 @@ from miu_hooks.methods import register_method
 from miu_hooks.methods.base import RunContext
 from miu_hooks.methods.random_labels import RandomLabels
 
-__all__ = ["SalUn", "saliency_mask", "top_fraction_mask"]
+__all__ = ["SalUn", "saliency_mask", "saliency_scores", "top_fraction_mask"]
 
 
 def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
@@ -77,11 +77,53 @@ def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tens
     return out
 
 
+def saliency_scores(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    logits_fn: Callable[[Batch], Tensor] | None = None,
+    scale_loss: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    r"""SalUn's scores :math:`|\sum_{B_f}\nabla_\theta(-\mathrm{CE})|`, times the loss scale.
+
+    ``scale_loss`` multiplies each batch's loss by the fp16 loss scale before the
+    backward (:meth:`Runtime.scale_loss <miu_hooks.runtime.Runtime.scale_loss>`), so
+    gradients through fp16 activations do not underflow; a common factor does not
+    change which entries are largest. See :func:`saliency_mask` for the rest.
+
+    Raises:
+        EmptyForgetSetError: ``batches`` is empty.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    modes = {m: m.training for m in model.modules()}
+    forward = logits_fn or (lambda b: model(b.inputs))
+    scale = scale_loss or (lambda loss: loss)
+    model.eval()
+    try:
+        for p in params.values():
+            p.grad = None
+        seen = 0
+        for batch in batches:
+            scale(-checked_cross_entropy(forward(batch), batch.labels)).backward()
+            seen += 1
+        if seen == 0:
+            raise EmptyForgetSetError("saliency_mask: the forget set yielded no batch")
+        return {
+            n: (p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p))
+            for n, p in params.items()
+        }
+    finally:
+        for p in params.values():
+            p.grad = None
+        for module, mode in modes.items():
+            module.training = mode
+
+
 def saliency_mask(
     model: nn.Module,
     batches: Iterable[Batch],
     ratio: float = SalUnConfig.salun_ratio,
     logits_fn: Callable[[Batch], Tensor] | None = None,
+    scale_loss: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     r"""SalUn's mask: the global top-``ratio`` of :math:`|\sum_{B_f}\nabla_\theta(-\mathrm{CE})|`.
 
@@ -93,6 +135,7 @@ def saliency_mask(
         batches: The forget batches (:class:`~miu_hooks.data.Batch`).
         ratio: :math:`\rho`, the fraction of weights kept (mask 1).
         logits_fn: ``fn(batch) -> logits``; default ``model(batch.inputs)``.
+        scale_loss: fp16 loss scaling of each batch's loss (see :func:`saliency_scores`).
 
     Returns:
         ``{parameter name: 0/1 tensor}`` for every trainable parameter.
@@ -108,29 +151,7 @@ def saliency_mask(
         >>> sorted(m), int(sum(t.sum() for t in m.values()))
         (['bias', 'weight'], 3)
     """
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    modes = {m: m.training for m in model.modules()}
-    forward = logits_fn or (lambda b: model(b.inputs))
-    model.eval()
-    try:
-        for p in params.values():
-            p.grad = None
-        seen = 0
-        for batch in batches:
-            (-checked_cross_entropy(forward(batch), batch.labels)).backward()
-            seen += 1
-        if seen == 0:
-            raise EmptyForgetSetError("saliency_mask: the forget set yielded no batch")
-        scores = {
-            n: (p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p))
-            for n, p in params.items()
-        }
-    finally:
-        for p in params.values():
-            p.grad = None
-        for module, mode in modes.items():
-            module.training = mode
-    return top_fraction_mask(scores, ratio)
+    return top_fraction_mask(saliency_scores(model, batches, logits_fn, scale_loss), ratio)
 
 
 @register_method("salun", config=SalUnConfig)
@@ -149,10 +170,25 @@ class SalUn(RandomLabels):
 
     def setup(self, ctx: RunContext) -> None:
         ratio = ctx.config_as(SalUnConfig).salun_ratio
-        batches = ctx.batches(ctx.forget_loader, "saliency mask")
-        self.mask = saliency_mask(ctx.model, batches, ratio, ctx.logits)
+        if getattr(ctx.runtime, "scaler", None) is None:
+            batches = ctx.batches(ctx.forget_loader, "saliency mask")
+            self.mask = saliency_mask(ctx.model, batches, ratio, ctx.logits)
+        else:
+            self.mask = top_fraction_mask(self._scaled_scores(ctx), ratio)
         self._model = ctx.model
         self._pin(ctx.model)
+
+    def _scaled_scores(self, ctx: RunContext) -> dict[str, Tensor]:
+        """Saliency scores under fp16: losses scaled like a training step's.
+
+        When a scaled gradient overflows, the pass is repeated without scaling.
+        """
+        for scale in (ctx.runtime.scale_loss, None):
+            batches = ctx.batches(ctx.forget_loader, "saliency mask")
+            scores = saliency_scores(ctx.model, batches, ctx.logits, scale)
+            if bool(torch.stack([torch.isfinite(v).all() for v in scores.values()]).all()):
+                break
+        return scores
 
     def _pin(self, model: nn.Module) -> None:
         # Non-salient entries never move, so the current model holds theta_o there.

@@ -30,6 +30,7 @@ from miu_hooks.config import SCRUBConfig
 from miu_hooks.data import Batch
 from miu_hooks.errors import ConfigError, ModelError
 from miu_hooks.functional import checked_cross_entropy
+from miu_hooks.loader_options import loader_options
 from miu_hooks.methods import register_method
 from miu_hooks.methods.base import RunContext, SeededLoader, UnlearningMethod
 
@@ -99,7 +100,7 @@ class SCRUB(UnlearningMethod):
             base.dataset,
             sampler=base.index_sampler,
             batch_size=cfg.scrub_retain_batch_size or cfg.batch_size,
-            num_workers=cfg.num_workers,
+            **loader_options(base.dataset, ctx.runtime.device, cfg.num_workers),
         )
 
     def kl(self, ctx: RunContext, batch: Batch, student_logits: Tensor) -> Tensor:

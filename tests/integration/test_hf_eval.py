@@ -51,7 +51,7 @@ class Probe(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kw):
         handle = self.callback.handle
         self.state = {k: v.clone() for k, v in handle.state_dict().items()}
-        self.logs = {k: len(v) for k, v in handle.logs.items()}
+        self.logs = dict(handle.log_counts)
         self.terms = self.callback.hooks.terms_added
         self.clean = copy_frozen(model)  # same weights, no hooks
 
@@ -60,7 +60,7 @@ class Probe(TrainerCallback):
         after = handle.state_dict()
         assert after.keys() == self.state.keys()
         assert all(torch.equal(after[k], self.state[k]) for k in after)
-        assert {k: len(v) for k, v in handle.logs.items()} == self.logs
+        assert dict(handle.log_counts) == self.logs
         assert self.callback.hooks.terms_added == self.terms
         with torch.no_grad():
             out = self.clean(pixel_values=self.test.inputs, labels=self.test.labels)

@@ -65,7 +65,7 @@ def test_defaults_match_issue_contract():
     assert (cfg.mine_hidden, cfg.mine_warmup_iters, cfg.mine_iters, cfg.ema) == (512, 100, 10, 0.01)
     assert cfg.reweight and cfg.calibrate and cfg.max_grad_norm == 1.0  # safe defaults
     assert (cfg.forget_objective, cfg.guard, cfg.guard_threshold) == ("floor", True, 10.0)
-    assert (cfg.precision, cfg.device, cfg.seed) == ("fp32", "auto", 0)
+    assert (cfg.precision, cfg.device, cfg.seed) == ("auto", "auto", 0)
     assert TrainConfig().reweight is None  # follows the method name
 
 
@@ -77,7 +77,8 @@ def test_loop_and_miu_settings_are_apart():
     assert miu == {
         "forget_epochs", "forget_objective", "smile_tau", "mi_weight", "mine_lr", "mine_hidden",
         "mine_warmup_iters", "mine_iters", "ema", "calibrate", "clip", "feature_cache",
-        "original_mode", "tune_original_on", "restore_batchnorm", "critic_init",
+        "original_precision", "original_mode", "tune_original_on", "restore_batchnorm",
+        "critic_init",
     }  # fmt: skip
     assert MIUConfig(epochs=3, mi_weight=10.0).epochs == 3  # flat, as before
 
@@ -139,7 +140,7 @@ def test_per_method_settings_are_checked(cls, field, bad):
 
 def test_config_fields_lists_type_default_choices_and_help():
     fields = {f.name: f for f in config_fields(MIUConfig)}
-    assert len(fields) == 37
+    assert len(fields) == 38
     f = fields["max_grad_norm"]
     assert (f.type, f.optional, f.default, f.choices) == (float, True, 1.0, None)
     assert f.constraint == "> 0" and f.owner == "TrainConfig" and "clip" in f.help.lower()
