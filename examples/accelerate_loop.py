@@ -103,7 +103,8 @@ def main() -> None:
     model = make_model(args.size)
     model.load_state_dict(original.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    retain_loader = reweighted_loader(retain, forget, bs, config=cfg)  # MIU (was DataLoader)
+    # MIU (was DataLoader); index=True: batches carry positions, the original's features are cached
+    retain_loader = reweighted_loader(retain, forget, bs, config=cfg, index=True)
     forget_loader = DataLoader(forget, batch_size=bs, shuffle=True)  # MIU
     test_loader = DataLoader(splits.test, batch_size=256)
     model, optimizer, retain_loader, forget_loader, test_loader = accelerator.prepare(
@@ -114,12 +115,12 @@ def main() -> None:
     before = accuracy(accelerator, model, test_loader)
     for epoch in range(cfg.epochs):
         miu.epoch_start(epoch)  # MIU: critic tuning + forget pass
-        for x, y, g in retain_loader:
-            loss = miu.retain_loss(model(x), (x, y, g))  # MIU (was F.cross_entropy(...))
+        for x, y, g, index in retain_loader:  # MIU: (x, y, g) + positions
+            loss = miu.retain_loss(model(x), (x, y, g, index))  # MIU (was F.cross_entropy(...))
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
-        logs = miu.pop_logs()
+        logs = miu.pop_logs()  # MIU: the epoch's means (summed on the device, read once)
         if accelerator.is_main_process:
             terms = ", ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()))
             print(f"epoch {epoch}: {terms}", flush=True)

@@ -51,6 +51,11 @@ def run_checks() -> None:
     m = rt.all_reduce_mean(torch.tensor([float(rank), 10.0]))
     assert torch.allclose(m, torch.tensor([0.5, 10.0]))
 
+    # all_reduce_max and the detached gather (no autograd, no size check)
+    assert rt.all_reduce_max(torch.tensor([float(rank), -float(rank)])).tolist() == [1.0, 0.0]
+    meta = rt.gather_detached(torch.full((2, 3), float(rank), requires_grad=True))
+    assert meta.shape == (4, 3) and not meta.requires_grad and meta[2:].eq(1).all()
+
     # average_gradients: bucketed, params without grad skipped
     lin = nn.Linear(4, 3)
     unused = nn.Parameter(torch.zeros(2))

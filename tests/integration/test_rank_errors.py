@@ -1,0 +1,40 @@
+"""An error found on one rank stops every rank at the same step (2 CPU ranks, gloo).
+
+``scripts/rank_errors.py`` breaks rank 1's retain batch (a label outside the
+model's classes, a NaN input; with and without the MI term, whose gather
+otherwise carries the verdict) and checks with a barrier that no rank is left
+waiting in a collective; without the shared verdict rank 0 would block in its
+next collective until the process-group timeout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "miu_test_launch", Path(__file__).resolve().parent / "scripts" / "launch.py"
+)
+assert _spec is not None and _spec.loader is not None
+launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch)
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiprocess, pytest.mark.slow]
+
+
+def test_every_rank_raises_a_rank_local_error() -> None:
+    out = launch.torchrun(launch.SCRIPTS / "rank_errors.py", cwd=launch.SCRIPTS)
+    lines = {
+        tuple(line.split(" ", 3)[1:3]): line.split(" ", 3)[3]
+        for line in out.splitlines()
+        if line.startswith("RANK_ERROR ")
+    }
+    assert out.count("RANK_ERRORS_DONE") == 2, out[-3000:]
+    assert lines[("label", "1")].startswith("GroupRangeError label 5 is outside [0, 2)")
+    assert lines[("label", "0")].startswith("GroupRangeError rank 1 found a label outside")
+    assert lines[("nan", "1")].startswith("NonFiniteLossError non-finite cross-entropy")
+    assert lines[("nan", "0")].startswith("NonFiniteLossError non-finite calibration")
+    assert lines[("label_without_mi", "1")].startswith("GroupRangeError label 5")
+    assert lines[("label_without_mi", "0")].startswith("GroupRangeError another rank found")
