@@ -212,7 +212,9 @@ class MIUCallback(TrainerCallback):
         )
         plain = retain.dataset if isinstance(retain, IndexedDataset) else retain
         # Batches of an indexed retain set (prepare_trainer, MIUTrainer) read cached features.
-        cache_on = ConcatDataset([plain, self.forget_dataset]) if plain is not retain else None
+        cache_on: Dataset | None = (
+            ConcatDataset([plain, self.forget_dataset]) if plain is not retain else None
+        )
         if cache_on is not None:
             self.handle.cache_features(cache_on, num_workers=args.dataloader_num_workers)
         self._loaders = self._make_loaders(

@@ -292,7 +292,7 @@ def test_salun_saliency_pass_uses_the_scaler_and_falls_back_on_overflow(
     from miu_hooks.methods.salun import SalUn
 
     retain, forget = _data()
-    cfg = SalUnConfig(epochs=1, batch_size=8, device="cpu")
+    cfg = SalUnConfig(epochs=1, batch_size=8, device="cpu", max_grad_norm=None)
     runners: list[SalUn] = []
     setup = SalUn.setup
     monkeypatch.setattr(SalUn, "setup", lambda self, ctx: (runners.append(self), setup(self, ctx)))
