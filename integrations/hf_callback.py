@@ -23,6 +23,7 @@ from miu_hooks.integrations.hf_hooks import TrainerHooks
 from miu_hooks.integrations.hf_placement import calling_handler, place_before_reporters
 from miu_hooks.integrations.hf_state import (
     check_trainer_args,
+    index_train_dataset,
     load_state,
     make_runtime,
     save_state,
@@ -371,26 +372,15 @@ class MIUCallback(TrainerCallback):
             self._indexed = None
 
     def index_train_dataset(self, trainer: Any) -> None:
-        """Give the items of ``trainer.train_dataset`` their positions (``__index__``).
+        """Give the items of ``trainer.train_dataset`` their positions, for the feature cache.
 
-        Retain batches then read the original model's cached features instead of
-        running it (when ``config.feature_cache`` allows and the data is
-        deterministic). The column hook drops the column before the model sees
-        it; :meth:`remove` puts the Trainer's own dataset back. A no-op for
-        ``feature_cache="off"`` and for datasets without ``__len__``/``__getitem__``.
+        See :func:`~miu_hooks.integrations.hf_state.index_train_dataset`;
+        :meth:`remove` puts the Trainer's own dataset back.
         """
-        dataset = trainer.train_dataset
-        if (
-            self.config.feature_cache == "off"
-            or dataset is None
-            or isinstance(dataset, IndexedDataset)
-            or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
-        ):
-            return
-        trainer.train_dataset = IndexedDataset(dataset)
-        self._indexed = (trainer, dataset)
+        own = index_train_dataset(trainer, self.config.feature_cache)
+        if own is not None:
+            self._indexed = (trainer, own)
 
-    # -- internals ----------------------------------------------------------------------------
     def _place_from_event(self) -> None:
         """Placement for a callback the Trainer got in ``callbacks=`` (no Trainer at hand)."""
         handler = calling_handler(self)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from miu_hooks.atomic import atomic_save_safetensors, atomic_write_text
+from miu_hooks.data import IndexedDataset
 from miu_hooks.engine import MIUHandle
 from miu_hooks.errors import CheckpointError, ConfigError, ModelError
 from miu_hooks.integrations.loaders import (
@@ -44,6 +45,7 @@ __all__ = [
     "check_trainer_args",
     "checkpoint_weights_restored",
     "even_batches",
+    "index_train_dataset",
     "install_sampler",
     "load_state",
     "make_runtime",
@@ -96,6 +98,34 @@ def check_trainer_args(args: Any) -> None:
         )
     if getattr(args, "torch_compile", False):
         raise ModelError(f"TrainingArguments.torch_compile=True: {COMPILED_MESSAGE}")
+
+
+def index_train_dataset(trainer: Any, feature_cache: str) -> Any:
+    """Wrap ``trainer.train_dataset`` so its items carry their positions (``__index__``).
+
+    Retain batches then read the original model's cached features instead of
+    running it (when reading an item twice gives the same values); the column
+    hook drops the column before the model sees it. Returns the Trainer's own
+    dataset (to put back later), or ``None`` when nothing was wrapped:
+    ``feature_cache="off"``, no dataset, one wrapped already, or one without
+    ``__len__``/``__getitem__``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> trainer = SimpleNamespace(train_dataset=[{"x": 1, "group": 0}])
+        >>> index_train_dataset(trainer, "auto"), trainer.train_dataset[0]["__index__"]
+        ([{'x': 1, 'group': 0}], 0)
+    """
+    dataset = trainer.train_dataset
+    if (
+        feature_cache == "off"
+        or dataset is None
+        or isinstance(dataset, IndexedDataset)
+        or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
+    ):
+        return None
+    trainer.train_dataset = IndexedDataset(dataset)
+    return dataset
 
 
 def even_batches(args: Any) -> bool:

@@ -114,7 +114,12 @@ def test_image_manifest(root: Path, tmp_path: Path) -> None:
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     res = invoke(root, tmp_path / "out", "--image-size", "4", "--json", data="manifest.csv")
     assert res.exit_code == 0, res.stderr
-    assert json.loads(res.stdout)["inputs"]["data"].endswith("manifest.csv")
+    report = json.loads(res.stdout)
+    assert report["inputs"]["data"].endswith("manifest.csv")
+    from miu_hooks.cli.commands import image_workers
+
+    # Images are decoded in worker processes unless --num-workers says otherwise.
+    assert report["config"]["num_workers"] == image_workers() >= 1
     # The documented transform: RGB, bilinear resize, [0, 1], mean = std = 0.5.
     from miu_hooks.cli.data_index import read_data_index
     from miu_hooks.cli.inputs import resolve_model_source
