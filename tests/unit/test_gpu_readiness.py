@@ -57,6 +57,7 @@ def test_data_parallel_is_refused_everywhere_with_a_one_line_message() -> None:
         attach(_net(), CFG, num_groups=4, forward_model=nn.DataParallel(_net()))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile on this torch
 def test_compiled_model_is_refused() -> None:
     retain, forget = _data()
     compiled = torch.compile(_net())  # an OptimizedModule; nothing is compiled until called
