@@ -20,7 +20,8 @@ check's error.
   step's features (:meth:`StepChecks.globalise`); a step without such a gather
   all-reduces it in :meth:`StepChecks.flush` (``reduce_max``). Either way every
   rank reads the same verdict and raises: the rank whose check failed raises
-  its own error, the others an error of the same type naming that rank.
+  its own error, the others an error naming that rank (`GroupRangeError` or
+  `NonFiniteLossError`, by the kind of check).
 
 Checks used inside a scope must not let a bad value crash the device first:
 :func:`miu_hooks.functional.checked_cross_entropy` clamps labels before the
@@ -69,7 +70,8 @@ class _Check:
     ok: Tensor
     error: ErrorFactory
     code: int
-    local: bool
+    local: bool  # not covered by a gathered verdict yet
+    own: bool  # depends on this rank's data only (reported before other ranks' failures)
 
 
 class StepChecks:
@@ -105,7 +107,7 @@ class StepChecks:
             local: Whether the value depends on this rank's data only (``False`` for
                 values computed from gathered data, equal on every rank).
         """
-        self._pending.append(_Check(ok.detach().reshape(-1).all(), error, code, local))
+        self._pending.append(_Check(ok.detach().reshape(-1).all(), error, code, local, local))
 
     @property
     def pending(self) -> int:
@@ -143,7 +145,7 @@ class StepChecks:
 
         Raises:
             MIUError: The error of the first failing check of this rank, or, when
-                only another rank failed, an error of the same type naming it.
+                only another rank failed, an error naming it (by the kind of check).
         """
         if not self._pending and not self._remote:
             return
@@ -156,13 +158,18 @@ class StepChecks:
         self.reads += 1
         if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
             return
-        for check in pending:  # failure path only: find what failed (more reads are fine)
-            if not bool(check.ok):
+        # Failure path only (more reads are fine): this rank's own data first, then
+        # another rank's, then values of the global batch (which a bad rank spoils too).
+        for check in pending:
+            if check.own and not bool(check.ok):
                 raise check.error()
         for codes in remote:
             if bool((codes != 0).any()):
                 rank = int(codes.argmax()) if codes.numel() > 1 else None
                 raise _remote_error(int(codes.max()), rank)
+        for check in pending:
+            if not bool(check.ok):
+                raise check.error()
 
 
 def _remote_error(code: int, rank: int | None) -> MIUError:

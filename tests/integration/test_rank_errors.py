@@ -34,7 +34,8 @@ def test_every_rank_raises_a_rank_local_error() -> None:
     assert out.count("RANK_ERRORS_DONE") == 2, out[-3000:]
     assert lines[("label", "1")].startswith("GroupRangeError label 5 is outside [0, 2)")
     assert lines[("label", "0")].startswith("GroupRangeError rank 1 found a label outside")
-    assert lines[("nan", "1")].startswith("NonFiniteLossError non-finite cross-entropy")
-    assert lines[("nan", "0")].startswith("NonFiniteLossError non-finite calibration")
+    # The NaN is in rank 1's data: it says so; rank 0 names rank 1.
+    assert lines[("nan", "1")].startswith("NonFiniteInputError the inputs of 1 sample")
+    assert lines[("nan", "0")].startswith("NonFiniteLossError rank 1 found a non-finite")
     assert lines[("label_without_mi", "1")].startswith("GroupRangeError label 5")
     assert lines[("label_without_mi", "0")].startswith("GroupRangeError another rank found")

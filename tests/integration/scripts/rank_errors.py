@@ -2,8 +2,9 @@
 
 In each case rank 1's retain batch goes bad at step 2 (a label outside the model's
 classes, or a NaN input); rank 0's stays healthy. Both ranks must raise at that
-step (the failing check travels with the step's MI gather, or with an all-reduce
-when the step has none) instead of rank 0 waiting in the next collective. A
+step, rank 1 with its own error and rank 0 with one naming rank 1 (the failing
+check travels with the step's MI gather, or with an all-reduce when the step has
+none), instead of rank 0 waiting in the next collective. A
 barrier after each case proves that no rank is stuck. Rank ``r`` prints
 ``RANK_ERROR <case> <r> <ErrorType> <message>`` per case, then ``RANK_ERRORS_DONE``.
 """
