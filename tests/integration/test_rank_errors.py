@@ -24,8 +24,11 @@ _spec.loader.exec_module(launch)
 pytestmark = [pytest.mark.integration, pytest.mark.multiprocess, pytest.mark.slow]
 
 
-def test_every_rank_raises_a_rank_local_error() -> None:
-    out = launch.torchrun(launch.SCRIPTS / "rank_errors.py", cwd=launch.SCRIPTS)
+def test_every_rank_raises_a_rank_local_error(tmp_path: Path) -> None:
+    launch.torchrun(launch.SCRIPTS / "rank_errors.py", str(tmp_path), cwd=launch.SCRIPTS)
+    written = sorted(tmp_path.glob("rank*.txt"))
+    assert [p.name for p in written] == ["rank0.txt", "rank1.txt"]
+    out = "\n".join(p.read_text() for p in written)
     lines = {
         tuple(line.split(" ", 3)[1:3]): line.split(" ", 3)[3]
         for line in out.splitlines()

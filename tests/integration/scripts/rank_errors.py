@@ -5,13 +5,17 @@ classes, or a NaN input); rank 0's stays healthy. Both ranks must raise at that
 step, rank 1 with its own error and rank 0 with one naming rank 1 (the failing
 check travels with the step's MI gather, or with an all-reduce when the step has
 none), instead of rank 0 waiting in the next collective. A
-barrier after each case proves that no rank is stuck. Rank ``r`` prints
-``RANK_ERROR <case> <r> <ErrorType> <message>`` per case, then ``RANK_ERRORS_DONE``.
+barrier after each case proves that no rank is stuck. Rank ``r`` writes
+``RANK_ERROR <case> <r> <ErrorType> <message>`` per case, then ``RANK_ERRORS_DONE``,
+to ``<out>/rank<r>.txt`` (``out`` is the first argument): the two ranks share one
+stdout, where their lines can interleave.
 """
 
 from __future__ import annotations
 
 import datetime
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -76,10 +80,13 @@ def main() -> None:
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=60))
     accelerator = Accelerator(cpu=True, kwargs_handlers=[timeout])
     assert accelerator.num_processes == 2, accelerator.num_processes
+    rank = accelerator.process_index
+    lines = []
     for case in CASES:
         outcome = run_case(accelerator, case)
-        print(f"RANK_ERROR {case} {accelerator.process_index} {outcome}", flush=True)
-    print("RANK_ERRORS_DONE", flush=True)
+        lines.append(f"RANK_ERROR {case} {rank} {outcome}")
+    lines.append("RANK_ERRORS_DONE")
+    (Path(sys.argv[1]) / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
