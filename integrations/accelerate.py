@@ -5,7 +5,7 @@ existing loop and never wraps the model; the schedule (critic tuning, forget
 pass, calibrated retain loss) is the engine's, exactly as in
 :func:`miu_hooks.unlearn` and the Trainer callback.
 
-Multi-process semantics (INTEGRATION.md §7, option a): the MI terms are computed
+Multi-process semantics (docs/integrations.md §7): the MI terms are computed
 on the **global batch**. Features and groups are concatenated over ranks with an
 autograd-aware all-gather and the marginal groups are drawn for the global batch
 from a generator seeded identically on every rank, so every rank computes the

@@ -59,7 +59,7 @@ def make_compute_metrics(
 
     Keys (the Trainer prefixes ``eval_``): ``miu/accuracy``, ``miu/group_<g>_acc``
     for every non-empty group, ``miu/worst_group_acc``, and with ``forget_groups``
-    ``miu/forget_group_acc`` (GA) and ``miu/eo`` (METHOD.md §5). All x100.
+    ``miu/forget_group_acc`` (GA) and ``miu/eo`` (docs/method.md §5). All x100.
 
     Args:
         eval_groups: Group id of every eval sample, in order (or the eval dataset).

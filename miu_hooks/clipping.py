@@ -1,4 +1,4 @@
-r"""MINE's adaptive gradient clipping of MIU's retain step (METHOD.md §8.1).
+r"""MINE's adaptive gradient clipping of MIU's retain step (docs/method.md §8.1).
 
 MINE bounds the gradient of the MI term by the gradient of the task loss:
 

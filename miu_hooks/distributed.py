@@ -2,7 +2,7 @@
 
 MIU's MI estimate is a batch statistic (a log-mean-exp), so a per-rank
 estimate would depend on the number of processes. :class:`DistributedRuntime`
-instead computes it on the **global batch** (INTEGRATION.md §7, option a):
+instead computes it on the **global batch** (docs/integrations.md §7):
 
 * :meth:`DistributedRuntime.gather` concatenates features and groups from every
   rank with the autograd-aware ``torch.distributed.nn.functional.all_gather``,
@@ -151,7 +151,7 @@ def average_gradients(
     Only parameters whose ``grad`` is set take part, so every rank must have run
     the same graph (the same parameters received gradients). Use this after a
     backward whose forward bypassed DDP (a manual forget pass, a callback's
-    ``model=``), otherwise ranks silently diverge (INTEGRATION.md §8). Averaging
+    ``model=``), otherwise ranks silently diverge (docs/integrations.md §8). Averaging
     gradients that are already averaged is a no-op apart from the traffic.
 
     Args:

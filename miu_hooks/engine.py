@@ -5,7 +5,7 @@
 callback and the Accelerate integration all drive this one handle:
 
 * :meth:`MIUHandle.epoch_start` tunes both critics, then runs the forget pass
-  while ``epoch < forget_epochs`` (METHOD.md §3.3 steps 1-2);
+  while ``epoch < forget_epochs`` (docs/method.md §3.3 steps 1-2);
 * :meth:`MIUHandle.retain_loss` is CE + λ·(Î_u − sg Î_o)² on a retain batch (step 3);
   with ``clip="adaptive"`` the calibration term is scaled by MINE's factor
   (:meth:`MIUHandle.retain_objective`).
@@ -197,7 +197,7 @@ class MIUHandle(HandleBookkeeping):
 
     # -- features ------------------------------------------------------------------
     def _original_ready(self) -> nn.Module:
-        # Re-assert the mode before every use (METHOD.md §8.3); gradients are off
+        # Re-assert the mode before every use (docs/method.md §8.3); gradients are off
         # because every forward of the original runs under no_grad.
         self.original.train(self.config.original_mode == "train")
         return self.original
@@ -484,7 +484,7 @@ class MIUHandle(HandleBookkeeping):
         trainable parameters is detached and logged as ``miu/adaptive_scale``
         (:func:`~miu_hooks.clipping.adaptive_calibration_scale`; two extra
         backward passes, squared norms averaged over processes). Its gradient
-        is MINE's g_CE + min(1, ‖g_CE‖/‖g_cal‖)·g_cal (METHOD.md §8.1).
+        is MINE's g_CE + min(1, ‖g_CE‖/‖g_cal‖)·g_cal (docs/method.md §8.1).
 
         Args:
             ce: Scalar task loss of the batch (with its graph).

@@ -1,7 +1,7 @@
 r"""Evaluation of a model: :func:`evaluate` -> :class:`Report`, and Markdown tables.
 
 :func:`evaluate` runs a model over the retain, forget, test and validation sets
-and computes every metric of :mod:`miu_hooks.metrics` (METHOD.md §5) from the
+and computes every metric of :mod:`miu_hooks.metrics` (docs/method.md §5) from the
 predictions and per-sample losses; :func:`predict` is that loop for one data
 set. :func:`format_table` and :func:`per_group_table` print reports side by
 side.
@@ -234,7 +234,7 @@ def evaluate(
     group_key: str = "group",
     num_workers: int = 0,
 ) -> Report:
-    """Evaluate ``model`` on the retain, forget and test sets (METHOD.md §5).
+    """Evaluate ``model`` on the retain, forget and test sets (docs/method.md §5).
 
     The model runs in ``eval()`` mode under ``torch.no_grad``; every module's
     training flag is restored afterwards, even on error. Pass data sets with

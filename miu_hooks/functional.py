@@ -1,4 +1,4 @@
-r"""Pure tensor functions of REWEIGHT and MIU (METHOD.md §1-§3).
+r"""Pure tensor functions of REWEIGHT and MIU (docs/method.md §1-§3).
 
 Everything stateful (critics, EMA buffers, samplers) lives in thin classes
 that call these functions, so each quantity has one implementation.

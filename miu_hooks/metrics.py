@@ -1,4 +1,4 @@
-r"""Unlearning metrics (METHOD.md §5): RA/FA/TA, MIA, EO, GA, per-group, Gap and ToW.
+r"""Unlearning metrics (docs/method.md §5): RA/FA/TA, MIA, EO, GA, per-group, Gap and ToW.
 
 Every metric is a pure function of tensors, reported x100. ``preds`` may be
 LongTensor[N] of classes or logits [N, C] (arg-maxed); ``labels`` and ``groups``
@@ -137,7 +137,7 @@ def _cells(
 def equalized_odds(
     preds: Tensor, labels: Tensor, groups: Tensor, forget_groups: GroupIds, num_sensitive: int = 2
 ) -> float:
-    r"""Return the equalized-odds gap x100 of METHOD.md §5, in [0, 100].
+    r"""Return the equalized-odds gap x100 of docs/method.md §5, in [0, 100].
 
     .. math::
         \mathrm{EO} = 50 \sum_{\hat t \in \{0,1\}}

@@ -21,7 +21,7 @@ def strip_hooks(model: nn.Module) -> nn.Module:
     """Remove every forward/backward hook from ``model`` and its submodules, in place.
 
     Used on deep copies: ``copy.deepcopy`` copies hooks, and a copied tap would
-    feed the original tap (STYLE.md §3).
+    record the copy's features into the live model's tap.
     """
     for sub in model.modules():
         for attr in (

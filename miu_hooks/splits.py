@@ -1,4 +1,4 @@
-r"""Forget-set construction and in-memory subsets (METHOD.md §1).
+r"""Forget-set construction and in-memory subsets (docs/method.md §1).
 
 :func:`forget_split` draws the forget set D_f from chosen groups of a training
 set D (the retain set is the rest), and :func:`subset` takes samples of a
@@ -37,7 +37,7 @@ def forget_split(
     ratio: float = 0.5,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    r"""Split training indices into retain and forget sets (METHOD.md §1).
+    r"""Split training indices into retain and forget sets (docs/method.md §1).
 
     Pools every index whose group is in ``forget_groups`` and draws
     :math:`\lfloor r \cdot |\text{pool}| \rfloor` of them uniformly without

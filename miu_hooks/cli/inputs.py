@@ -227,7 +227,7 @@ class SplitPlan:
 def plan_split(
     data: DataIndex, forget: ForgetList, num_groups: int, names: Sequence[str] = ()
 ) -> SplitPlan:
-    """Match the forget ids against the data and check the split (INTEGRATION.md §9).
+    """Match the forget ids against the data and check the split (docs/integrations.md §9).
 
     Ids are matched against the data's ``ids`` column, or against row positions
     ``0..N-1`` when the data has none.
@@ -391,7 +391,7 @@ def prepare(
 ) -> Prepared:
     """Check every input of a run without importing torch (see the module docstring).
 
-    EO and GA compare the forgotten group(s) with the rest (METHOD.md §5). They
+    EO and GA compare the forgotten group(s) with the rest (docs/method.md §5). They
     default to the group holding the most forget ids (the lowest id on ties):
     the paper's forget sets are dominated by one group, and with several groups
     Y_f x S_f may cover every (y, s) cell, leaving EO undefined.

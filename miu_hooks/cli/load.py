@@ -9,7 +9,7 @@ Image transforms, for CSV manifests and ``datasets`` image columns: open with
 Pillow, convert to RGB (``L`` when the config says ``num_channels: 1``), resize
 to ``image_size`` x ``image_size`` (bilinear; from ``--image-size``, else the
 config's ``image_size``, else 224), scale to [0, 1] and normalise with
-mean = std = 0.5 (METHOD.md §1), giving float32[C, H, W] in [-1, 1].
+mean = std = 0.5 (docs/method.md §1), giving float32[C, H, W] in [-1, 1].
 """
 
 from __future__ import annotations

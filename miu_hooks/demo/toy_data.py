@@ -1,4 +1,4 @@
-r"""Colored Digits and Colored Fashion: small Colored-MNIST-style toy data (METHOD.md §9).
+r"""Colored Digits and Colored Fashion: small Colored-MNIST-style toy data (docs/method.md §9).
 
 The data sets follow the IRM Colored-MNIST construction on images that need
 no download:
@@ -108,7 +108,7 @@ def colored_digits(
     root: str | os.PathLike[str] | None = None,
     copies: int = 1,
 ) -> ColoredSplits:
-    r"""Build a Colored-MNIST-style data set with four groups (METHOD.md §9).
+    r"""Build a Colored-MNIST-style data set with four groups (docs/method.md §9).
 
     Images come from scikit-learn's bundled ``load_digits`` (1,797 images of
     8x8, no download) or, with ``source="fashion"``, from Debian's

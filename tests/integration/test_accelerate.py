@@ -5,7 +5,7 @@ The multi-process tests launch real ranks (``torchrun --standalone`` with
 every script asserts the world size it expects, so a launcher that silently
 starts fewer processes fails the test.
 
-Agreement contract (INTEGRATION.md §7): one process at batch 2B and two
+Agreement contract (docs/integrations.md §7): one process at batch 2B and two
 processes at batch B each give the same losses and weights within rtol 1e-5
 (measured: about 2e-7 relative); the two ranks hold bit-identical weights.
 """

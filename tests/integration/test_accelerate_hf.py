@@ -1,7 +1,7 @@
 """``MIUCallback`` (HF Trainer) under 2 CPU processes (gloo, torchrun + ``use_cpu=True``).
 
 Ranks must end bit-identical (the callback's forget passes bypass DDP and must
-average gradients by hand, INTEGRATION.md §8), and the 2-process run must agree
+average gradients by hand, docs/integrations.md §8), and the 2-process run must agree
 with a 1-process run at the same global batch (§7 contract, rtol 1e-5).
 """
 

@@ -1,4 +1,4 @@
-"""Baselines (METHOD.md §6): each objective checked on tiny models against hand computations."""
+"""Baselines (docs/method.md §6): each objective checked on tiny models by hand computations."""
 
 from __future__ import annotations
 

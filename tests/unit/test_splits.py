@@ -1,4 +1,4 @@
-"""Forget-set construction and subsets (METHOD.md §1), and the shared data container."""
+"""Forget-set construction and subsets (docs/method.md §1), and the shared data container."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Colored Digits / Colored Fashion toy data (METHOD.md §9)."""
+"""Colored Digits / Colored Fashion toy data (docs/method.md §9)."""
 
 from __future__ import annotations
 
