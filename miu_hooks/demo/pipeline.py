@@ -279,7 +279,9 @@ def _run_demo(
     }
     config = MIUConfig(**settings["miu"], device="cpu", seed=0)
     config_file = folder / "miu.json"
-    if not config_file.is_file():
+    # Rewritten when stale: the printed command reads it, and a cache from an older
+    # version may hold settings this version no longer accepts.
+    if not config_file.is_file() or config_file.read_text() != config.to_json():
         atomic_write_text(config_file, config.to_json())
     prep = prepare(
         model=folder / "original" / "model.safetensors",
