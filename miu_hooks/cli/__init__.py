@@ -5,6 +5,7 @@ Modules:
 - :mod:`~miu_hooks.cli.commands`: the click group (``cli``) and :func:`main`,
   the console-script entry point;
 - :mod:`~miu_hooks.cli.errors`: the CLI's error types and their exit codes;
+- :mod:`~miu_hooks.cli.options`: the settings options, built from the config fields;
 - :mod:`~miu_hooks.cli.data_index`: torch-free reading of data files
   (ids, labels and groups) so bad input fails before torch is imported;
 - :mod:`~miu_hooks.cli.inputs`: checking every input (:func:`~miu_hooks.cli.inputs.prepare`);

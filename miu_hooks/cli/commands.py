@@ -15,6 +15,8 @@ unexpected errors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import signal
@@ -27,9 +29,16 @@ import click
 
 from miu_hooks import __version__
 from miu_hooks.cli.errors import Interrupted, NothingToForget, exit_code, exit_code_table
-from miu_hooks.errors import MIUError
+from miu_hooks.cli.options import (
+    SETTINGS_NOTE,
+    SectionOption,
+    given_settings,
+    option_names,
+    settings_options_decorator,
+)
+from miu_hooks.errors import ConfigError, MIUError
 
-__all__ = ["cli", "main"]
+__all__ = ["build_config", "cli", "main"]
 
 EPILOG = f"""\b
 Examples:
@@ -121,13 +130,25 @@ class _Group(click.Group):
             )
             raise click.exceptions.Exit(1) from None
 
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the options in sections (inputs, method, settings by class, data, other)."""
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and isinstance(param, click.Option):
+                section = getattr(param, "section", _OTHER)
+                sections.setdefault(section, []).append(record)
+        sections[_OTHER] = sections.pop(_OTHER, [])  # -V and -h join the other options, last
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+                if title == _METHOD:
+                    formatter.write_paragraph()
+                    formatter.write_text(SETTINGS_NOTE)
+        self.format_commands(ctx, formatter)
 
-# Options that set the config field of the same name (when given).
-_CONFIG_FIELDS = (
-    "epochs", "forget_epochs", "lr", "mi_weight", "batch_size", "precision", "device", "seed",
-    "mine_lr", "weight_decay", "optimizer", "scheduler", "max_grad_norm", "clip", "reweight",
-    "num_sensitive", "guard", "guard_threshold", "num_workers",
-)  # fmt: skip
+
+_METHOD, _OTHER = "Method", "Other options"
 
 
 def image_workers() -> int:
@@ -135,9 +156,14 @@ def image_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _config(path: str | None, opts: dict[str, Any]) -> Any:
-    """The resolved config of ``--method`` (what runs, as recorded in the outputs)."""
-    from miu_hooks.errors import ConfigError
+def build_config(ctx: click.Context, path: str | None, method: str) -> Any:
+    """The resolved config of ``--method`` (what runs, as recorded in the outputs).
+
+    The settings given on the command line (generated options, and ``--num-workers``)
+    override those of ``--config``; only given ones are passed, so the class's defaults
+    fill the rest. A setting the method's class does not have is refused with a
+    :class:`ConfigError` (exit 2) naming the option and the class that has it.
+    """
     from miu_hooks.methods import config_class, resolve_run
 
     base: dict[str, Any] = {}
@@ -148,14 +174,29 @@ def _config(path: str | None, opts: dict[str, Any]) -> Any:
             raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from exc
         if not isinstance(base, dict):
             raise click.BadParameter("must hold a JSON object", param_hint="--config")
-    base.update({f: opts[f] for f in _CONFIG_FIELDS if opts.get(f) is not None})
+    cls = config_class(method)
+    known = {f.name for f in dataclasses.fields(cls)}
+    given = given_settings(ctx)
+    names = option_names(ctx)
+    for name, value in given.items():
+        if name not in known:
+            why = _unknown_setting(cls, name, value)
+            raise ConfigError(f"{names[name]} is not a setting of --method {method}: {why}")
+    base.update(given)
+    if ctx.params["num_workers"] is not None:  # hand-written: its default depends on the data
+        base["num_workers"] = ctx.params["num_workers"]
     if base.get("max_grad_norm") == 0:  # --max-grad-norm 0: no clipping
         base["max_grad_norm"] = None
+    return resolve_run(method, cls.from_dict(base)).config
+
+
+def _unknown_setting(cls: Any, name: str, value: Any) -> str:
+    """The library's message for a setting ``cls`` does not have (which class has it)."""
     try:
-        method = opts["method"]
-        return resolve_run(method, config_class(method).from_dict(base)).config
+        cls(**{name: value})
     except ConfigError as exc:
-        raise click.UsageError(_one_line(exc)) from None
+        return str(exc)
+    return f"{cls.__name__} has no {name}"  # pragma: no cover (only called for unknown names)
 
 
 def _references(values: Sequence[str]) -> dict[str, str]:
@@ -230,9 +271,12 @@ def _print_result(report: dict[str, Any], as_json: bool, quiet: bool) -> None:
 
 
 def _opt(*names: str, **kw: Any) -> Any:
-    return click.option(*names, show_default=kw.pop("show_default", True), **kw)
+    return click.option(*names, cls=SectionOption, show_default=kw.pop("show_default", True), **kw)
 
 
+_input_opt = functools.partial(_opt, section="Inputs and output")
+_method_opt = functools.partial(_opt, section=_METHOD)
+_data_opt = functools.partial(_opt, section="Data")
 _PATH = click.Path(dir_okay=True, path_type=str)
 
 
@@ -244,78 +288,46 @@ _PATH = click.Path(dir_okay=True, path_type=str)
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, "-V", "--version", prog_name="miu-unlearn")
-@_opt("-m", "--model", type=_PATH, show_default=False, help="Checkpoint file or folder.")
-@_opt("-d", "--data", type=_PATH, show_default=False, help="Training data D (see below).")
-@_opt("-f", "--forget", type=_PATH, show_default=False, help="CSV of ids to forget.")
-@_opt("-o", "--out", type=_PATH, show_default=False, help="Output folder [./<model>-<method>].")
-@_opt("--arch", help="package.module:factory (or file.py:factory) building the model.")
-@_opt("--test", type=_PATH, help="Test set: TA, EO, GA, per-group accuracy, MIA.")
-@_opt(
+@_input_opt("-m", "--model", type=_PATH, show_default=False, help="Checkpoint file or folder.")
+@_input_opt("-d", "--data", type=_PATH, show_default=False, help="Training data D (see below).")
+@_input_opt("-f", "--forget", type=_PATH, show_default=False, help="CSV of ids to forget.")
+@_input_opt(
+    "-o", "--out", type=_PATH, show_default=False, help="Output folder [./<model>-<method>]."
+)
+@_input_opt("--arch", help="package.module:factory (or file.py:factory) building the model.")
+@_input_opt("--test", type=_PATH, help="Test set: TA, EO, GA, per-group accuracy, MIA.")
+@_input_opt(
     "--val",
     type=_PATH,
     help="Held-out set for MIA (default: the test set) and the collapse guard (default: a "
     "slice of the retain set kept out of training).",
 )
-@_opt("--reference", multiple=True, help="[NAME=]PATH of a retrained model (Gap, ToW).")
-@_opt("--original", type=_PATH, help="Where the ledger's original model lies now (moved).")
-@_opt("--method", default="miu", help="Method; `miu-unlearn methods` lists them.")
-@_opt(
+@_input_opt("--reference", multiple=True, help="[NAME=]PATH of a retrained model (Gap, ToW).")
+@_input_opt("--original", type=_PATH, help="Where the ledger's original model lies now (moved).")
+@_input_opt("--resume", is_flag=True, help="Continue the interrupted run of --out.")
+@_input_opt("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_method_opt("--method", default="miu", help="Method; `miu-unlearn methods` lists them.")
+@_method_opt(
     "--config", "config_file", type=_PATH, help="JSON of the method's config fields (options win)."
 )
-@_opt("--epochs", type=int, help="Unlearning epochs E.")
-@_opt("--forget-epochs", type=int, help="Epochs with a forget pass, E_f.")
-@_opt("--lr", type=float, help="Learning rate.")
-@_opt("--lambda", "--mi-weight", "mi_weight", type=float, help="λ, MI calibration weight.")
-@_opt("--batch-size", type=int, help="Batch size.")
-@_opt(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    help="Autocast precision [auto: bf16 on GPUs with bf16, else fp16; fp32 on CPU].",
-)
-@_opt("--device", help="auto, cpu, cuda or cuda:N.")
-@_opt(
+@settings_options_decorator()
+@_data_opt(
     "--num-workers",
     type=int,
     help="DataLoader worker processes [images: up to 4 (decoding off the main thread); else 0].",
 )
-@_opt("--seed", type=int, help="Seed of every random draw.")
-@_opt("--mine-lr", type=float, help="Critic learning rate.")
-@_opt("--weight-decay", type=float, help="Weight decay.")
-@_opt("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Model optimiser.")
-@_opt("--scheduler", type=click.Choice(["cosine", "constant"]), help="LR schedule.")
-@_opt("--max-grad-norm", type=float, help="Clip the gradient norm [1.0]; 0 turns clipping off.")
-@_opt(
-    "--guard/--no-guard",
-    default=None,
-    help="Collapse guard: stop and restore the last good epoch when held-out accuracy falls "
-    "more than --guard-threshold points below the original's [on].",
-)
-@_opt("--guard-threshold", type=float, help="Largest allowed accuracy drop, in points [10].")
-@_opt(
-    "--clip",
-    type=click.Choice(["norm", "adaptive"]),
-    help="Retain-step clipping: norm (max-grad-norm only) or adaptive (MINE) [norm].",
-)
-@_opt(
-    "--reweight/--no-reweight",
-    default=None,
-    help="REWEIGHT retain sampling [X: off, X_reweight: on, miu: on]; must agree with --method.",
-)
-@_opt("--feature-module", help="Dotted name of the classification head.")
-@_opt("--id-column", default="id", help="Id column of the forget CSV.")
-@_opt("--input-key", help="Inputs tensor/column [inputs | path | image].")
-@_opt("--label-key", help="Label tensor/column [labels | label].")
-@_opt("--group-key", help="Group tensor/column [groups | group].")
-@_opt("--id-key", help="Id tensor/column [ids | id].")
-@_opt("--split", help="Split of a datasets DatasetDict folder [train].")
-@_opt("--image-size", type=int, help="Image side [config.json image_size, else 224].")
-@_opt("--group-names", help="Comma-separated group names, by group id.")
-@_opt("--num-groups", type=int, help="|G| [max group id + 1].")
-@_opt("--forget-groups", help="Group ids for EO/GA, comma-separated [most-forgotten group].")
-@_opt("--num-sensitive", type=int, help="S; groups are s + y*S [2].")
+@_data_opt("--feature-module", help="Dotted name of the classification head.")
+@_data_opt("--id-column", default="id", help="Id column of the forget CSV.")
+@_data_opt("--input-key", help="Inputs tensor/column [inputs | path | image].")
+@_data_opt("--label-key", help="Label tensor/column [labels | label].")
+@_data_opt("--group-key", help="Group tensor/column [groups | group].")
+@_data_opt("--id-key", help="Id tensor/column [ids | id].")
+@_data_opt("--split", help="Split of a datasets DatasetDict folder [train].")
+@_data_opt("--image-size", type=int, help="Image side [config.json image_size, else 224].")
+@_data_opt("--group-names", help="Comma-separated group names, by group id.")
+@_data_opt("--num-groups", type=int, help="|G| [max group id + 1].")
+@_data_opt("--forget-groups", help="Group ids for EO/GA, comma-separated [most-forgotten group].")
 @_opt("--threads", type=int, help="torch CPU threads.")
-@_opt("--resume", is_flag=True, help="Continue the interrupted run of --out.")
-@_opt("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @_opt("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
 @_opt("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @click.pass_context
@@ -328,8 +340,8 @@ def cli(ctx: click.Context, **opts: Any) -> None:
             raise click.UsageError(f"Missing option '--{name}'.")
     if opts["reference"] and not opts["test"]:
         raise click.UsageError("--reference needs --test (Gap and ToW use test metrics)")
-    config = _config(opts["config_file"], opts)
     method = opts["method"]
+    config = build_config(ctx, opts["config_file"], method)
     model_name = Path(opts["model"]).resolve()
     model_name = model_name.parent if model_name.name == "model.safetensors" else model_name
     out = opts["out"] or f"{model_name.stem}-{method}"
