@@ -1,4 +1,4 @@
-"""README's tables match the code: the CLI's exit codes, the default keys of mapping items."""
+"""README's tables match the code: the CLI's exit codes and settings options, default keys."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from miu_hooks.cli.errors import EXIT_CODES
+from miu_hooks.cli.options import setting_options, settings_sections
 from miu_hooks.data import INPUT_KEYS, LABEL_KEYS
 
 pytestmark = pytest.mark.unit
@@ -45,3 +46,18 @@ def test_the_default_keys_of_mapping_items_are_the_codes() -> None:
     inputs = re.findall(r"`(\w+)`", listed.group(1))
     labels = re.findall(r"`(\w+)`", listed.group(2))
     assert tuple(inputs) == INPUT_KEYS and tuple(labels) == LABEL_KEYS
+
+
+def test_the_settings_option_table_is_the_generated_options() -> None:
+    # One row per --help section: the classes that have the fields, then their options.
+    start = README.index("| settings | options |")
+    rows = README[start:].split("\n\n", 1)[0].splitlines()[2:]
+    table = []
+    for row in rows:
+        classes, options = (c.strip() for c in row.strip().strip("|").split("|"))
+        table.append((re.findall(r"`(\w+Config)`", classes), re.findall(r"`(--[\w-]+)`", options)))
+    generated = [
+        (re.findall(r"\w+Config", title.rsplit("(", 1)[1]), options)
+        for title, options in settings_sections(setting_options()).items()
+    ]
+    assert table == generated
