@@ -65,4 +65,5 @@ def accelerate_launch(script: Path, *args: str, cwd: Path) -> str:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, weights_only=False)
+    """Read what a script saved: tensors, numbers, strings, lists and dicts only."""
+    return torch.load(path, weights_only=True)
