@@ -32,11 +32,20 @@ logger = logging.getLogger(__name__)
 GroupSource = Tensor | Sequence[int] | np.ndarray | Dataset
 
 
-def _groups_of(values: GroupSource) -> Tensor:
+def _groups_of(values: GroupSource, group_key: str = "group") -> Tensor:
     if isinstance(values, Tensor):
         return values.long().reshape(-1).cpu()
     if isinstance(values, Dataset):
-        return dataset_groups(values)
+        return dataset_groups(values, group_key)
+    columns = getattr(values, "column_names", None)
+    if isinstance(columns, (list, tuple)):  # a datasets.Dataset: read its group column only
+        if group_key not in columns:
+            raise DataError(
+                f"the eval dataset has no group column {group_key!r} (columns: "
+                f"{', '.join(map(str, columns))}); pass group_key= or the groups themselves"
+            )
+        column = values[group_key]  # type: ignore[index]
+        return torch.as_tensor(np.asarray(list(column), dtype=np.int64)).reshape(-1)
     return torch.as_tensor(np.asarray(values), dtype=torch.long).reshape(-1)
 
 
@@ -49,13 +58,15 @@ def make_compute_metrics(
     forget_groups: Sequence[int] | None = None,
     num_sensitive: int = 2,
     num_groups: int | None = None,
+    group_key: str = "group",
 ) -> Callable[[Any], dict[str, float]]:
     """Return a ``compute_metrics`` for the Trainer with per-group, worst-group and EO metrics.
 
     The Trainer's ``EvalPrediction`` carries predictions and labels but not the
     groups, so they are given here, in the order of the eval dataset (the
     Trainer evaluates in dataset order, also across processes): a LongTensor, a
-    sequence, or the eval dataset itself (its groups are read once).
+    sequence, or the eval dataset itself, a torch ``Dataset`` or a
+    ``datasets.Dataset`` (its ``group_key`` column is read once).
 
     Keys (the Trainer prefixes ``eval_``): ``miu/accuracy``, ``miu/group_<g>_acc``
     for every non-empty group, ``miu/worst_group_acc``, and with ``forget_groups``
@@ -66,9 +77,11 @@ def make_compute_metrics(
         forget_groups: Ids of the forgotten group(s), for GA and EO.
         num_sensitive: S, the number of sensitive-attribute values (g = s + y·S).
         num_groups: |G| (default ``max id + 1``).
+        group_key: The group column when ``eval_groups`` is a dataset of mappings.
 
     Raises:
-        DataError: (when called) the number of predictions differs from ``eval_groups``.
+        DataError: The eval dataset has no ``group_key`` column; (when called) the
+            number of predictions differs from ``eval_groups``.
 
     Example:
         >>> fn = make_compute_metrics(torch.tensor([0, 1, 2, 3]), forget_groups=[3])
@@ -76,7 +89,7 @@ def make_compute_metrics(
         >>> out["miu/accuracy"], out["miu/forget_group_acc"], out["miu/worst_group_acc"]
         (75.0, 0.0, 0.0)
     """
-    groups = _groups_of(eval_groups)
+    groups = _groups_of(eval_groups, group_key)
     n_groups = int(num_groups) if num_groups is not None else int(groups.max()) + 1
     warned: set[str] = set()
 

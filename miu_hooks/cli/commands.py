@@ -52,8 +52,9 @@ Inputs: --model is a save_pretrained folder (config.json + model.safetensors), i
 model.safetensors, or a bare safetensors file with --arch. --data/--test/--val are
 a .safetensors file (inputs, labels, groups[, ids]), a .csv manifest
 (path,label,group[,id]; images resized to --image-size, RGB, mean=std=0.5) or a
-datasets save_to_disk folder (needs 'datasets'). Forget ids (header required,
---id-column) match the data's ids, else row numbers; duplicate ids are an error.
+datasets save_to_disk folder (needs 'datasets'; FOLDER:split picks a DatasetDict's
+split). Ids are integers. Forget ids (header required, --id-column) match the data's
+ids, else row numbers (from 0, a CSV's header not counted); duplicate ids are an error.
 Output --out: model.safetensors, config.json, report.json, report.md, groups.png,
 ledger.json (the original model's path and sha256, the data's sha256, every request
 so far) and forgotten.csv (every id forgotten so far).
@@ -318,11 +319,19 @@ _PATH = click.Path(dir_okay=True, path_type=str)
 )
 @_data_opt("--feature-module", help="Dotted name of the classification head.")
 @_data_opt("--id-column", default="id", help="Id column of the forget CSV.")
-@_data_opt("--input-key", help="Inputs tensor/column [inputs | path | image].")
-@_data_opt("--label-key", help="Label tensor/column [labels | label].")
-@_data_opt("--group-key", help="Group tensor/column [groups | group].")
-@_data_opt("--id-key", help="Id tensor/column [ids | id].")
-@_data_opt("--split", help="Split of a datasets DatasetDict folder [train].")
+@_data_opt(
+    "--input-key",
+    help="Inputs tensor/column [.safetensors: inputs | .csv: path | folder: image, img, "
+    "pixel_values or inputs].",
+)
+@_data_opt("--label-key", help="Label tensor/column [labels | label | label or labels].")
+@_data_opt("--group-key", help="Group tensor/column [groups | group | group or groups].")
+@_data_opt("--id-key", help="Id tensor/column [ids | id | id or ids].")
+@_data_opt(
+    "--split",
+    help="Split of a datasets DatasetDict folder given as --data [train]; FOLDER:split names "
+    "the split of any folder (--test: test, --val: validation by default).",
+)
 @_data_opt("--image-size", type=int, help="Image side [config.json image_size, else 224].")
 @_data_opt("--group-names", help="Comma-separated group names, by group id.")
 @_data_opt("--num-groups", type=int, help="|G| [max group id + 1].")

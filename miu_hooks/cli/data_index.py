@@ -7,8 +7,11 @@ Three formats are accepted, told apart by the path:
 * a ``.csv`` manifest with the columns ``path,label,group[,id]``; image paths are
   relative to the manifest's folder;
 * a folder written by ``datasets.Dataset.save_to_disk`` (the optional
-  ``datasets`` package), columns ``image`` (or ``img``/``pixel_values``),
-  ``label``, ``group`` and optionally ``id``.
+  ``datasets`` package), columns ``image`` (or ``img``/``pixel_values``/``inputs``),
+  ``label`` (or ``labels``), ``group`` (or ``groups``) and optionally ``id`` (or
+  ``ids``). A ``DatasetDict`` folder gives one split: ``PATH:split``, else the
+  caller's default (``train`` for the data, ``test``, ``validation``), else its
+  only split.
 
 Column and tensor names can be overridden (``--input-key`` and friends). This
 module reads only what the checks need, with numpy, so that bad input is
@@ -39,6 +42,13 @@ _DEFAULTS: dict[str, dict[str, str]] = {
     "datasets": {"input": "image", "label": "label", "group": "group", "id": "id"},
 }
 _IMAGE_COLUMNS = ("image", "img", "pixel_values", "inputs")
+# Other names a datasets folder's column may have when its key is not given.
+_DATASETS_ALTERNATIVES = {
+    "input": _IMAGE_COLUMNS,
+    "label": ("label", "labels"),
+    "group": ("group", "groups"),
+    "id": ("id", "ids"),
+}
 _INT = re.compile(r"^[+-]?\d+$")
 
 
@@ -78,6 +88,7 @@ class DataIndex:
         group_names: Names stored with the data (safetensors metadata), if any.
         paths: Image paths of a manifest (resolved), else empty.
         handle: The loaded ``datasets.Dataset`` for ``kind="datasets"``.
+        split: The split of a ``DatasetDict`` folder, else ``None``.
     """
 
     path: Path
@@ -89,20 +100,48 @@ class DataIndex:
     group_names: tuple[str, ...] = ()
     paths: tuple[Path, ...] = ()
     handle: Any = field(default=None, repr=False, compare=False)
+    split: str | None = None
 
     def __len__(self) -> int:
         return len(self.groups)
 
 
+def split_suffix(path: str | Path) -> tuple[Path, str | None]:
+    """Split ``FOLDER:split`` into the folder and the split (``None`` when there is none).
+
+    The suffix counts only when ``path`` itself does not exist and the part before
+    the last ``:`` is a folder, so a file name holding ``:`` is read as it is.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> split_suffix(f"{d}:test") == (Path(d), "test"), split_suffix(d) == (Path(d), None)
+        (True, True)
+    """
+    text = str(path)
+    p = Path(text).expanduser()
+    head, sep, tail = text.rpartition(":")
+    if not p.exists() and sep and tail and "/" not in tail and Path(head).expanduser().is_dir():
+        return Path(head).expanduser(), tail
+    return p, None
+
+
 def read_data_index(
-    path: str | Path, columns: Columns | None = None, *, split: str | None = None
+    path: str | Path,
+    columns: Columns | None = None,
+    *,
+    split: str | None = None,
+    default_split: str = "train",
 ) -> DataIndex:
     """Read labels, groups and ids of a data file or folder, checking their shape.
 
     Args:
-        path: A ``.safetensors`` file, a ``.csv`` manifest or a ``save_to_disk`` folder.
+        path: A ``.safetensors`` file, a ``.csv`` manifest or a ``save_to_disk`` folder;
+            ``FOLDER:split`` names the split of a ``DatasetDict`` folder.
         columns: Column-name overrides.
-        split: Split of a ``DatasetDict`` folder (default ``train``, or its only split).
+        split: Split of a ``DatasetDict`` folder when ``path`` names none.
+        default_split: The split taken when neither names one (else the folder's only
+            split; a folder of several splits without ``default_split`` is refused).
 
     Returns:
         The :class:`DataIndex`.
@@ -122,12 +161,12 @@ def read_data_index(
         >>> len(idx), idx.groups.tolist(), idx.ids
         (3, [0, 3, 2], None)
     """
-    p = Path(path).expanduser()
+    p, named = split_suffix(path)
     cols = columns or Columns()
     if not p.exists():
         raise InputNotFoundError(f"data not found: {p}")
     if p.is_dir():
-        return _datasets_index(p, cols.resolve("datasets"), split)
+        return _datasets_index(p, cols, named or split, default_split)
     if p.suffix.lower() == ".csv":
         return _manifest_index(p, cols.resolve("manifest"))
     if p.suffix.lower() == ".safetensors":
@@ -237,7 +276,7 @@ def _manifest_index(path: Path, keys: dict[str, str]) -> DataIndex:
     return DataIndex(path, "manifest", keys, labels, groups, ids, paths=paths)
 
 
-def _datasets_index(path: Path, keys: dict[str, str], split: str | None) -> DataIndex:
+def _datasets_index(path: Path, cols: Columns, split: str | None, default_split: str) -> DataIndex:
     from miu_hooks._imports import is_available
 
     if not is_available("datasets"):
@@ -251,14 +290,27 @@ def _datasets_index(path: Path, keys: dict[str, str], split: str | None) -> Data
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError and its own errors
         raise DataError(f"{path} is not a datasets save_to_disk folder ({exc})") from exc
+    name = None
     if isinstance(ds, datasets.DatasetDict):
-        name = split or ("train" if "train" in ds else next(iter(ds), ""))
-        if name not in ds:
-            raise DataError(f"{path} has no split {name!r} (splits: {', '.join(ds)})")
+        splits = list(ds)
+        name = split or (default_split if default_split in ds else None)
+        if name is None and len(splits) == 1:
+            name = splits[0]
+        if name is None or name not in ds:
+            asked = f"no split {name!r}" if name is not None else f"no split {default_split!r}"
+            raise DataError(
+                f"{path} has {asked} (splits: {', '.join(splits) or 'none'}); "
+                f"name one as {path}:SPLIT"
+            )
         ds = ds[name]
+    elif split is not None:
+        raise DataError(f"{path} is a single datasets table, not a DatasetDict: it has no splits")
     present = list(ds.column_names)
-    if keys["input"] not in present:
-        keys = {**keys, "input": next((c for c in _IMAGE_COLUMNS if c in present), keys["input"])}
+    given = {"input": cols.input, "label": cols.label, "group": cols.group, "id": cols.id}
+    keys = cols.resolve("datasets")
+    for what, options in _DATASETS_ALTERNATIVES.items():
+        if given[what] is None and keys[what] not in present:
+            keys[what] = next((c for c in options if c in present), keys[what])
     for what in ("input", "label", "group"):
         if keys[what] not in present:
             raise _missing(path, what, keys[what], present, f"--{what}-key")
@@ -267,4 +319,4 @@ def _datasets_index(path: Path, keys: dict[str, str], split: str | None) -> Data
     ids = None
     if keys["id"] in present:
         ids = _unique_ids(_int_column(ds[keys["id"]], "ids", path), path)
-    return DataIndex(path, "datasets", keys, labels, groups, ids, handle=ds)
+    return DataIndex(path, "datasets", keys, labels, groups, ids, handle=ds, split=name)

@@ -415,9 +415,9 @@ def prepare(
         for name, path in (references or {}).items()
     }
     index = read_data_index(data, columns, split=split)
-    evals = {
-        k: read_data_index(v, columns) if v is not None else None
-        for k, v in (("test", test), ("val", val))
+    evals = {  # a DatasetDict folder: FOLDER:split, else its "test" / "validation" split
+        k: read_data_index(v, columns, default_split=d) if v is not None else None
+        for k, v, d in (("test", test, "test"), ("val", val, "validation"))
     }
     forget_list = read_forget_list(forget, id_column)
     for what, idx in (("data", index), *evals.items()):

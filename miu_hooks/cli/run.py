@@ -37,6 +37,7 @@ from torch.utils.data import Dataset, Subset
 
 from miu_hooks.atomic import atomic_write_folder, atomic_write_text
 from miu_hooks.cli.chain import FORGOTTEN_FILE, LEDGER_FILE, Request, ledger_report, plan_request
+from miu_hooks.cli.data_index import DataIndex
 from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
 from miu_hooks.cli.load import image_settings, load_dataset, load_model
 from miu_hooks.cli.preflight import preflight
@@ -140,16 +141,20 @@ def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]
 def _fingerprint(
     prep: Prepared, request: Request, config: TrainConfig, method: str
 ) -> dict[str, Any]:
-    def data_id(p: Path | None) -> str | None:
-        return None if p is None else (sha256_file(p) if p.is_file() else str(p.resolve()))
+    def data_id(index: DataIndex | None) -> str | None:
+        if index is None:
+            return None
+        p = index.path
+        named = sha256_file(p) if p.is_file() else str(p.resolve())
+        return named if index.split is None else f"{named}:{index.split}"
 
     return {
         "model_sha256": request.model_sha256,
         "forget_sha256": prep.forget.sha256,
         "ledger": request.ledger.to_dict(),
         "data": request.ledger.data_sha256,
-        "test": data_id(prep.test.path if prep.test else None),
-        "val": data_id(prep.val.path if prep.val else None),
+        "test": data_id(prep.test),
+        "val": data_id(prep.val),
         "references": {k: sha256_file(s.weights) for k, s in prep.references.items()},
         "method": method,
         "config": config.to_dict(),

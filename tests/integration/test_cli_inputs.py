@@ -140,11 +140,13 @@ def test_manifest_with_a_missing_image_exits_3(root: Path, tmp_path: Path) -> No
     assert not (tmp_path / "out").exists()
 
 
-def test_datasets_folder_needs_the_optional_package(root: Path, tmp_path: Path) -> None:
-    from miu_hooks._imports import is_available
+def test_datasets_folder_needs_the_optional_package(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import miu_hooks._imports as imports
 
-    if is_available("datasets"):
-        pytest.skip("datasets is installed; the missing-extra path is not reachable")
+    real = imports.is_available
+    monkeypatch.setattr(imports, "is_available", lambda name: name != "datasets" and real(name))
     (root / "hf_data").mkdir(exist_ok=True)
     res = invoke(root, tmp_path / "out", "-q", data="hf_data")
     assert res.exit_code == 15 and "datasets" in res.stderr
@@ -169,3 +171,59 @@ def test_forget_groups_option_sets_eo_and_ga_groups(root: Path, tmp_path: Path) 
     assert json.loads((tmp_path / "out" / "report.json").read_text())["forget_groups"] == [1, 3]
     res = invoke(root, tmp_path / "bad", "--forget-groups", "9", "-q")
     assert res.exit_code == 10 and "--forget-groups" in res.stderr
+
+
+def _datasets_folder(root: Path, splits: dict[str, slice]) -> Path:
+    """A DatasetDict folder of train.safetensors' samples, columns named the Trainer's way."""
+    datasets = pytest.importorskip("datasets")
+    data = load_file(str(root / "train.safetensors"))
+    parts = {
+        name: datasets.Dataset.from_dict(
+            {
+                "pixel_values": data["inputs"][rows].tolist(),
+                "labels": data["labels"][rows].tolist(),
+                "group": data["groups"][rows].tolist(),
+            }
+        )
+        for name, rows in splits.items()
+    }
+    folder = root / ("dd_" + "_".join(splits))
+    datasets.DatasetDict(parts).save_to_disk(str(folder))
+    return folder
+
+
+def test_datasets_folder_with_labels_and_pixel_values_and_a_split_per_path(
+    root: Path, tmp_path: Path
+) -> None:
+    folder = _datasets_folder(root, {"train": slice(None), "test": slice(0, 20)})
+    # `labels` and `pixel_values` are found without --label-key/--input-key; --data takes
+    # the train split, --test FOLDER:test the test split of the same folder.
+    res = invoke(root, tmp_path / "out", "-q", "--json", "--test", f"{folder}:test",
+                 data=folder.name)  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["forgotten"] == 3 and report["inputs"]["test"] == str(folder)
+    from miu_hooks.cli.data_index import read_data_index
+
+    train, test = read_data_index(folder), read_data_index(f"{folder}:test")
+    assert (len(train), train.split, train.keys["label"], train.keys["input"]) == (
+        N, "train", "labels", "pixel_values")  # fmt: skip
+    assert (len(test), test.split) == (20, "test")
+    # --test FOLDER takes its test split by default; --split names the data's split.
+    assert len(read_data_index(folder, default_split="test")) == 20
+    assert len(read_data_index(folder, split="test")) == 20
+    # A column named by an option is not silently swapped for another.
+    res = invoke(root, tmp_path / "out2", "-q", "--input-key", "image", data=folder.name)
+    assert res.exit_code == 6 and "no input column 'image'" in res.stderr, res.stderr
+
+
+def test_datasets_folder_splits_are_named_or_refused(root: Path, tmp_path: Path) -> None:
+    folder = _datasets_folder(root, {"a": slice(None), "b": slice(0, 8)})
+    res = invoke(root, tmp_path / "out", "-q", data=folder.name)  # no train split
+    assert res.exit_code == 6, res.stderr
+    assert "has no split 'train' (splits: a, b)" in res.stderr and ":SPLIT" in res.stderr
+    res = invoke(root, tmp_path / "out", "-q", data=f"{folder.name}:c")
+    assert res.exit_code == 6 and "has no split 'c' (splits: a, b)" in res.stderr
+    assert not (tmp_path / "out").exists()
+    res = invoke(root, tmp_path / "out", "-q", data=f"{folder.name}:a")
+    assert res.exit_code == 0, res.stderr

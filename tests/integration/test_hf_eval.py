@@ -138,3 +138,26 @@ def test_compute_metrics_checks_the_group_count():
         fn((np.zeros((3, 2)), np.zeros(3)))
     out = fn(((np.eye(2)[[0, 1, 1, 1]], None), np.array([0, 1, 1, 1])))  # tuple predictions
     assert out["miu/accuracy"] == 100.0 and out["miu/eo"] == 0.0
+
+
+def test_compute_metrics_reads_the_groups_of_a_datasets_table():
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict(
+        {"pixel_values": [[0.0]] * 4, "labels": [0, 0, 1, 1], "group": [0, 1, 2, 3]}
+    )
+    fn = make_compute_metrics(table, forget_groups=[3])
+    # Predictions 0, 0, 1, 0: groups 0-2 right, group 3 (y=1, s=1) wrong.
+    out = fn((np.array([[1.0, 0], [1, 0], [0, 1], [1, 0]]), np.array([0, 0, 1, 1])))
+    assert out["miu/accuracy"] == 75.0 and out["miu/forget_group_acc"] == 0.0
+    assert [out[f"miu/group_{g}_acc"] for g in range(4)] == [100.0, 100.0, 100.0, 0.0]
+    # EO over y: TPR gap on y=1 is 100 (group 2) vs 0 (group 3), on y=0 0 → mean 50.
+    assert out["miu/eo"] == 50.0
+    renamed = table.rename_column("group", "g")
+    assert (
+        make_compute_metrics(renamed, group_key="g")(
+            (np.eye(2)[[0, 0, 1, 1]], np.array([0, 0, 1, 1]))
+        )["miu/worst_group_acc"]
+        == 100.0
+    )
+    with pytest.raises(DataError, match="no group column 'group'"):
+        make_compute_metrics(renamed)
