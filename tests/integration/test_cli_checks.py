@@ -194,6 +194,29 @@ def test_an_output_folder_that_cannot_be_replaced_exits_14_up_front(root, tmp_pa
     assert os.listdir(tmp_path) == ["out"]  # no work folder: found before the run
 
 
+def test_an_output_folder_that_cannot_be_renamed_exits_14_on_any_file_system(
+    root, tmp_path, monkeypatch
+) -> None:
+    """The same check without chattr: the run's last step renames the folder, so must the probe."""
+    import errno
+
+    import miu_hooks.cli.inputs as inputs_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.rename
+
+    def busy(src, dst, *args, **kwargs):
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(inputs_module.os, "rename", busy)
+    res = invoke(root, out, "-q")
+    one_error(res, 14, "exists but cannot be replaced", "Device or resource busy")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == []  # found before the run
+
+
 # -- names, options, messages ------------------------------------------------------------------
 def test_group_names_must_name_every_group(root, tmp_path) -> None:
     one_error(invoke(root, tmp_path / "out", "-q", "--group-names", "a,b"), 2,

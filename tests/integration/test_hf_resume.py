@@ -170,3 +170,29 @@ def test_resume_without_miu_state_fails_loudly(tmp_path, datasets):
     (ckpt / STATE_FILE).unlink()
     with pytest.raises(CheckpointError, match=r"miu_state\.safetensors"):
         run(tmp_path / "run", datasets, resume=str(ckpt))
+
+
+def test_weights_the_trainer_did_not_restore_are_detected_on_any_version(tmp_path, caplog):
+    """The check behind the resume warning, independent of whether this transformers renames."""
+    from safetensors.torch import save_model
+
+    from miu_hooks.integrations.hf_state import (
+        checkpoint_weights_restored,
+        warn_if_weights_not_restored,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert checkpoint_weights_restored(model, tmp_path) is None  # no model.safetensors there
+    save_model(model, str(tmp_path / "model.safetensors"))
+    assert checkpoint_weights_restored(model, tmp_path) is True
+    with caplog.at_level("WARNING", logger="miu_hooks.integrations.hf_state"):
+        warn_if_weights_not_restored(model, tmp_path)
+    assert caplog.text == ""
+    with torch.no_grad():
+        model[2].bias.add_(1e-3)  # the run's start weights, not the checkpoint's
+    assert checkpoint_weights_restored(model, tmp_path) is False
+    with caplog.at_level("WARNING", logger="miu_hooks.integrations.hf_state"):
+        warn_if_weights_not_restored(model, tmp_path)
+    assert "did not restore them" in caplog.text
+    assert f"from_pretrained({str(tmp_path)!r})" in caplog.text
