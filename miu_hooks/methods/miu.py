@@ -52,10 +52,13 @@ class MIU(UnlearningMethod):
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         handle = self.handle
         assert handle is not None
+        forget_loader = ctx.forget_loader
+        if epoch < handle.config.forget_epochs:  # no progress bar for a pass that does not run
+            forget_loader = ctx.progress(forget_loader, f"epoch {epoch} forget")
         handle.epoch_start(
             epoch,
             optimizer=ctx.optimizer,
-            forget_loader=ctx.progress(ctx.forget_loader, f"epoch {epoch} forget"),
+            forget_loader=forget_loader,
             tune_loader=ctx.tune_loader,
         )
         self.retain_epoch(ctx, handle.retain_loss)

@@ -1,15 +1,21 @@
-"""README's tables match the code: the CLI's exit codes and settings options, default keys."""
+"""README's claims match the code: the CLI's exit codes and settings options, the default
+keys of mapping items and of ``datasets`` folders, where ``feature_module=`` goes,
+``progress=``/``on_epoch_end=`` and ``pop_logs()``."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 
+import miu_hooks as mh
+from miu_hooks.cli.data_index import _DATASETS_ALTERNATIVES
 from miu_hooks.cli.errors import EXIT_CODES
 from miu_hooks.cli.options import setting_options, settings_sections
 from miu_hooks.data import INPUT_KEYS, LABEL_KEYS
+from miu_hooks.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 
@@ -61,3 +67,72 @@ def test_the_settings_option_table_is_the_generated_options() -> None:
         for title, options in settings_sections(setting_options()).items()
     ]
     assert table == generated
+
+
+def test_the_columns_of_a_datasets_folder_are_the_codes() -> None:
+    listed = re.search(r"`save_to_disk` folder \(`pip install datasets`\) with the columns\s+(.*?)"
+                       r" and optional\s+(`\w+`/`\w+`)", README, re.S)  # fmt: skip
+    assert listed is not None
+    names = [re.findall(r"`(\w+)`", part) for part in listed.group(1).split(", ")]
+    names.append(re.findall(r"`(\w+)`", listed.group(2)))
+    assert names == [list(v) for v in _DATASETS_ALTERNATIVES.values()]
+    assert "`PATH:split`" in README
+
+
+def test_feature_module_is_a_keyword_of_the_entry_points_not_a_setting() -> None:
+    from miu_hooks.integrations.accelerate import prepare_miu
+    from miu_hooks.integrations.hf import MIUCallback, prepare_trainer
+
+    for fn in (mh.unlearn, mh.validate, prepare_miu, prepare_trainer, MIUCallback.__init__):
+        assert "feature_module" in inspect.signature(fn).parameters, fn
+    with pytest.raises(ConfigError, match="feature_module"):
+        mh.MIUConfig(feature_module="head")  # type: ignore[call-arg]
+    for said in ("`feature_module=` is a keyword of `prepare_trainer` and\n  `MIUCallback` (and "
+                 "of `unlearn` and `prepare_miu`)", "`feature_module=` is its keyword (not an "
+                 "`MIUConfig`\nfield)"):  # fmt: skip
+        assert said in README
+
+
+def test_the_accelerate_section_names_pop_logs() -> None:
+    from miu_hooks.integrations.accelerate import MIUAccelerate
+
+    section = README[README.index("## Accelerate") : README.index("## Command line")]
+    assert "logs = miu.pop_logs()" in section and callable(MIUAccelerate.pop_logs)
+
+
+def test_progress_and_on_epoch_end_are_called_as_the_readme_says() -> None:
+    """The README's tqdm wrapper wraps the retain and forget passes and the feature caching."""
+    import torch
+    from torch import nn
+
+    example = re.search(r"`progress=(lambda it, desc: tqdm\(.*?\))`", README)
+    assert example is not None
+    from tqdm import tqdm
+
+    shown: list[str] = []
+
+    def progress(it, desc):
+        shown.append(desc)
+        return eval(example.group(1), {"tqdm": tqdm})(it, desc)
+
+    epochs: list[tuple[int, list[str]]] = []
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 2
+    data = mh.GroupTensorDataset(
+        torch.randn(120, 4, generator=g), y, (torch.arange(120) // 2) % 2 + 2 * y
+    )
+    forget = torch.arange(120)[(data.groups == 3) & (torch.arange(120) % 3 == 0)]
+    keep = torch.ones(120, dtype=torch.bool)
+    keep[forget] = False
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    cfg = mh.MIUConfig(epochs=2, forget_epochs=1, batch_size=32, mine_hidden=8,
+                       mine_warmup_iters=2, mine_iters=1, guard=False)  # fmt: skip
+    mh.unlearn(model, mh.subset(data, torch.nonzero(keep).flatten()), mh.subset(data, forget),
+               config=cfg, progress=progress,
+               on_epoch_end=lambda e, logs: epochs.append((e, sorted(logs))))  # fmt: skip
+    # forget_epochs=1: epoch 1 has no forget pass, and no bar for one.
+    assert shown == ["caching original features", "epoch 0 forget", "epoch 0 retain",
+                     "epoch 1 retain"]  # fmt: skip
+    assert [e for e, _ in epochs] == [0, 1]
+    assert all({"miu/mi_model", "miu/calibration"} <= set(keys) for _, keys in epochs)
