@@ -111,3 +111,31 @@ def test_a_tap_of_the_wrong_width_stops_before_any_update(tmp_path) -> None:
                        r"feature_module="):  # fmt: skip
         train(tmp_path, model, data(4 * B, 0), data(2 * B, 1))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_tap_of_the_wrong_width_stops_the_accelerate_route_before_any_update() -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.utils.data import DataLoader
+
+    from miu_hooks.integrations.accelerate import prepare_miu, reweighted_loader
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        retain, forget = data(4 * B, 0), data(2 * B, 1)
+        accelerator = Accelerator(cpu=True)
+        model = Net(tokens=True)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loaders = (reweighted_loader(retain, forget, B, config=CFG),
+                   DataLoader(forget, batch_size=B, shuffle=True))  # fmt: skip
+        model, opt, retain_loader, forget_loader = accelerator.prepare(model, opt, *loaders)
+        with pytest.raises(FeatureModuleNotFoundError, match=r"'classifier' flattens to 24 "
+                           r"values .*feature_module="):  # fmt: skip
+            miu = prepare_miu(accelerator, model, opt, retain_loader, forget_loader, config=CFG)
+            miu.epoch_start(0)  # critic tuning and the forget pass: the first forwards
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
