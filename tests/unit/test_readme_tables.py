@@ -136,3 +136,22 @@ def test_progress_and_on_epoch_end_are_called_as_the_readme_says() -> None:
                      "epoch 1 retain"]  # fmt: skip
     assert [e for e, _ in epochs] == [0, 1]
     assert all({"miu/mi_model", "miu/calibration"} <= set(keys) for _, keys in epochs)
+
+
+def test_the_id_rules_are_the_readmes(tmp_path) -> None:
+    """Ids are integers; without an id column, a sample's id is its row (from 0, no header)."""
+    from miu_hooks.cli.checks import check_labels_match_groups
+    from miu_hooks.cli.data_index import read_data_index
+    from miu_hooks.errors import DataError, GroupRangeError
+
+    said = README[README.index("- **Ids:** integers.") :].split("\n- ", 1)[0]
+    assert "counting from 0" in said and "the header line is not counted" in said
+    (tmp_path / "a.png").write_bytes(b"")  # the index checks that images exist, not their bytes
+    (tmp_path / "m.csv").write_text("path,label,group\na.png,0,7\na.png,1,2\n")
+    index = read_data_index(tmp_path / "m.csv")
+    assert index.ids is None and len(index) == 2
+    with pytest.raises(GroupRangeError, match=r"row 0 has label 0 and group 7"):
+        check_labels_match_groups(index, 2)  # the first line after the header is row 0
+    (tmp_path / "i.csv").write_text("path,label,group,id\na.png,0,0,x1\n")
+    with pytest.raises(DataError, match=r"column 'id' must hold integers"):
+        read_data_index(tmp_path / "i.csv")
