@@ -44,7 +44,7 @@ def _groups_of(values: GroupSource, group_key: str = "group") -> Tensor:
                 f"the eval dataset has no group column {group_key!r} (columns: "
                 f"{', '.join(map(str, columns))}); pass group_key= or the groups themselves"
             )
-        column = values[group_key]  # type: ignore[index]
+        column = values[group_key]  # type: ignore[call-overload]
         return torch.as_tensor(np.asarray(list(column), dtype=np.int64)).reshape(-1)
     return torch.as_tensor(np.asarray(values), dtype=torch.long).reshape(-1)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor
 
@@ -52,7 +54,7 @@ class MIU(UnlearningMethod):
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         handle = self.handle
         assert handle is not None
-        forget_loader = ctx.forget_loader
+        forget_loader: Iterable[Any] = ctx.forget_loader
         if epoch < handle.config.forget_epochs:  # no progress bar for a pass that does not run
             forget_loader = ctx.progress(forget_loader, f"epoch {epoch} forget")
         handle.epoch_start(
