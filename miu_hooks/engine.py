@@ -109,7 +109,15 @@ class MIUHandle(HandleBookkeeping):
         critic_original: T_o, the critic on the original model's features.
         log_counts: Values logged per ``miu/*`` key since the last :meth:`pop_logs`
             (their running sums stay on the device: one scalar per key).
+        original_scoring: How retain steps score cached z_o with T_o: ``"auto"`` (by
+            cost, :meth:`uses_score_table`), ``"table"`` or ``"direct"``; the values
+            are the same either way.
+        tie_critics: Compute a tuning step once when T_o is T_u's exact copy and z_o
+            equals z_u (:meth:`_tune_step`); the critics are the same either way.
     """
+
+    original_scoring = "auto"
+    tie_critics = True
 
     def __init__(
         self,
@@ -154,8 +162,11 @@ class MIUHandle(HandleBookkeeping):
         self.feature_cache: Tensor | None = None
         # T_o(z_o_i, g) for every cached sample and group; valid until T_o changes.
         self._original_scores: Tensor | None = None
+        #: Retain rows drawn between two tuning phases (one epoch), when the loop knows it.
+        self.retain_rows_per_epoch: int | None = None
         self.epoch = 0
         self.counters = {"tune": 0, "forget": 0, "retain": 0}
+        self.tied_steps = 0  # tuning steps computed once for both critics
         self.batch: Batch | None = None  # the batch being processed (blamed for NaN inputs)
         self.log_counts: dict[str, int] = {}
         self._log_sums: dict[str, Tensor] = {}
@@ -335,15 +346,36 @@ class MIUHandle(HandleBookkeeping):
         assert self.critic_original is not None
         return mi_u, self.critic_original(z_o, groups, marginal, check_groups=False)
 
+    def uses_score_table(self) -> bool:
+        """Whether retain steps read T_o's scores from a table rather than a T_o forward.
+
+        With the feature cache, z_o is fixed and T_o only changes while tuning, so
+        its scores of every cached row and group (an N x |G| table, rebuilt after
+        each tuning phase) can be looked up instead of computed. The table costs
+        N projections and N·|G| head evaluations per epoch, a T_o forward per
+        retain step R projections and 2R for R retain rows: ``"auto"`` takes the
+        table only when N·(d + |G|) <= R·(d + 2), and when R is unknown (the
+        Trainer and Accelerate routes). Both give the same values (to float
+        round-off).
+        """
+        if self.feature_cache is None or self.critic_original is None:
+            return False
+        if self.original_scoring != "auto":
+            return self.original_scoring == "table"
+        rows = self.retain_rows_per_epoch
+        if rows is None:
+            return True
+        n, d = int(self.feature_cache.shape[0]), int(self.feature_cache.shape[1])
+        return n * (d + self.num_groups) <= rows * (d + 2)
+
     def _cached_original_rows(self, batch: Batch) -> Tensor | None:
         """T_o's scores of this batch's cached z_o for every group, or ``None``.
 
-        With the feature cache, z_o is fixed and T_o only changes while tuning, so
-        its scores are a table lookup until the next tuning step (the values of a
-        forward, without running the critic at every retain step).
+        ``None`` also when :meth:`uses_score_table` prefers a T_o forward.
         """
-        if self.feature_cache is None or batch.index is None or self.critic_original is None:
+        if batch.index is None or not self.uses_score_table():
             return None
+        assert self.feature_cache is not None and self.critic_original is not None
         if self._original_scores is None:
             self._original_scores = chunked_score_table(
                 self.critic_original.score_table, self.feature_cache, self.runtime.device
@@ -370,12 +402,15 @@ class MIUHandle(HandleBookkeeping):
         was_training = self.model.training
         self.model.train()
         saved = self._critic_snapshot()
+        tied = self._critics_identical()
         try:
             with batchnorm_buffers_restored(self.model, self.config.restore_batchnorm), deferred(
                 self._reduce_max()
             ) as checks:
                 for _ in range(steps):
-                    self._tune_step(self.split(next(batches)))
+                    tied = self._tune_step(self.split(next(batches)), tied=tied)
+                if tied:
+                    self._copy_critic()
                 # One host read for the whole phase; a failure puts the critics back.
                 self._flush(checks, restore=saved)
         finally:
@@ -384,7 +419,66 @@ class MIUHandle(HandleBookkeeping):
                 self.critic_model.requires_grad_(False)
                 self.critic_original.requires_grad_(False)
 
-    def _tune_step(self, batch: Batch) -> None:
+    def _critics_identical(self) -> bool:
+        """Whether T_u and T_o, their EMA and their optimisers are in the same state, exactly.
+
+        Then a tuning step on equal features gives both the same update, and it is
+        computed once (:meth:`_tune_step`). Checked on CPU runs of one process
+        only: comparing the features of every step is a host read.
+        """
+        cu, co = self.critic_model, self.critic_original
+        ou, oo = self.opt_critic_model, self.opt_critic_original
+        if cu is None or co is None or ou is None or oo is None:
+            return False
+        if not self.tie_critics or self.runtime.device.type != "cpu" or self.runtime.world_size != 1:
+            return False
+        if not all(
+            torch.equal(a, b)
+            for a, b in zip(cu.state_dict().values(), co.state_dict().values(), strict=True)
+        ):
+            return False
+        hyper = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                 for o in (ou, oo)]  # fmt: skip
+        if hyper[0] != hyper[1]:
+            return False
+        for pu, po in zip(cu.parameters(), co.parameters(), strict=True):
+            su, so = ou.state.get(pu, {}), oo.state.get(po, {})
+            if su.keys() != so.keys():
+                return False
+            for key, value in su.items():
+                other = so[key]
+                same = (
+                    torch.equal(value, other)
+                    if isinstance(value, Tensor) and isinstance(other, Tensor)
+                    else value is None and other is None
+                )
+                if not same:
+                    return False
+        return True
+
+    @torch.no_grad()
+    def _copy_critic(self) -> None:
+        """Make T_o and its optimiser a copy of T_u and its optimiser (after tied steps)."""
+        cu, co = self.critic_model, self.critic_original
+        ou, oo = self.opt_critic_model, self.opt_critic_original
+        assert cu is not None and co is not None and ou is not None and oo is not None
+        for a, b in zip(cu.state_dict().values(), co.state_dict().values(), strict=True):
+            b.copy_(a)
+        for pu, po in zip(cu.parameters(), co.parameters(), strict=True):
+            if pu in ou.state:
+                oo.state[po] = {
+                    k: v.clone() if isinstance(v, Tensor) else v for k, v in ou.state[pu].items()
+                }
+        self._original_scores = None
+
+    def _tune_step(self, batch: Batch, *, tied: bool = False) -> bool:
+        """One critic-tuning step; returns whether the critics are still tied.
+
+        ``tied``: T_o is T_u's exact copy, with only T_u updated since
+        (:meth:`_critics_identical`). When z_o equals z_u too, T_o's step would be
+        T_u's, bit for bit: T_u alone is stepped and T_o stays a lazy copy
+        (:meth:`_copy_critic`) until the features differ or the phase ends.
+        """
         with torch.no_grad(), self.runtime.autocast(), self.tap.capturing():
             forward_logits(self.model, batch.inputs)
         z_u = self.tap.pop().detach()
@@ -394,6 +488,22 @@ class MIUHandle(HandleBookkeeping):
             z_o = z_u
         crit_u, crit_o = self._critics(z_u)
         assert self.opt_critic_model is not None and self.opt_critic_original is not None
+        if tied and (z_o is z_u or (z_o.dtype == z_u.dtype and torch.equal(z_o, z_u))):
+            crit_u.requires_grad_(True)
+            mi_u = self._mi_model(z_u, batch.groups)[0]
+            self.check_finite((-(mi_u + mi_u)).detach(), "critic tuning", "-(I_u + I_o)",
+                              local=False)  # fmt: skip
+            self.opt_critic_model.zero_grad(set_to_none=True)
+            (-mi_u).backward()  # the gradient -(I_u + I_o) sends to T_u
+            self.opt_critic_model.step()
+            self._original_scores = None
+            self.counters["tune"] += 1
+            self.tied_steps += 1
+            self._log("miu/tune_mi_model", mi_u)
+            self._log("miu/tune_mi_original", mi_u)
+            return True
+        if tied:
+            self._copy_critic()
         crit_u.requires_grad_(True)
         crit_o.requires_grad_(True)
         mi_u, mi_o = self.mi_pair(z_u, z_o, batch.groups)
@@ -409,6 +519,7 @@ class MIUHandle(HandleBookkeeping):
         self.counters["tune"] += 1
         self._log("miu/tune_mi_model", mi_u)
         self._log("miu/tune_mi_original", mi_o)
+        return False
 
     def forget_loss(self, z_model: Tensor, groups: Tensor) -> Tensor:
         """L_f on a forget batch (critic fixed): Î_u floored at zero by default.

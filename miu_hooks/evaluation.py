@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from miu_hooks.batched import batched_loader_args
 from miu_hooks.data import forward_logits, split_batch
 from miu_hooks.errors import ConfigTypeError, DataError, EmptyForgetSetError, GroupRangeError
 from miu_hooks.functional import group_counts
@@ -200,7 +201,8 @@ def _run(
     parts: list[list[Tensor]] = [[], [], [], []]
     in_range: list[Tensor] = []
     num_classes = 0
-    loader = DataLoader(data, batch_size=bs, shuffle=False, **loader_options(data, dev, workers))
+    data, options = batched_loader_args(data, loader_options(data, dev, workers))
+    loader = DataLoader(data, batch_size=bs, shuffle=False, **options)
     for raw in loader:
         batch = split_batch(raw, **keys).to(dev)
         logits, y = forward_logits(model, batch.inputs).float(), batch.labels

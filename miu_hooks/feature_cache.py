@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from miu_hooks.batched import batched_loader_args
 from miu_hooks.data import indexed
 from miu_hooks.loader_options import loader_options
 from miu_hooks.precision import bf16_native
@@ -123,9 +124,7 @@ def cache_loader(
     train: Dataset, batch_size: int, device: torch.device, num_workers: int = 0
 ) -> DataLoader[Any]:
     """The loader that fills the cache: indexed items of ``train`` in order."""
-    return DataLoader(
-        indexed(train),
-        batch_size=max(batch_size, 256),
-        shuffle=False,
-        **loader_options(train, device, num_workers, persistent=False),
+    data, options = batched_loader_args(
+        indexed(train), loader_options(train, device, num_workers, persistent=False)
     )
+    return DataLoader(data, batch_size=max(batch_size, 256), shuffle=False, **options)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from miu_hooks.batched import batched_loader_args
 from miu_hooks.errors import CollapseWarning, DataError
 from miu_hooks.seeding import GUARD_STREAM, epoch_generator
 
@@ -194,7 +195,8 @@ class CollapseGuard:
         from miu_hooks.evaluation import inference
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        loader = DataLoader(self.data, batch_size=self.batch_size, collate_fn=self.collate_fn)
+        data, options = batched_loader_args(self.data, {"collate_fn": self.collate_fn})
+        loader = DataLoader(data, batch_size=self.batch_size, **options)
         right = total = 0
         with inference(model):
             for raw in loader:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from miu_hooks.batched import batched_loader_args
 from miu_hooks.checks import NON_FINITE, deferred, require
 from miu_hooks.config import TrainConfig
 from miu_hooks.data import (
@@ -118,7 +119,9 @@ class SeededLoader(DataLoader):
 
     ``sampler`` draws the indices and :meth:`set_epoch` reaches it. A last
     batch of one sample joins the batch before it (BatchNorm cannot train on
-    one sample), unless ``merge_single=False``.
+    one sample), unless ``merge_single=False``. A tensor-backed ``dataset`` is
+    read one index per batch (:mod:`miu_hooks.batched`; ``self.dataset`` is then
+    its :class:`~miu_hooks.batched.BatchedTensorView`) unless ``collate_fn`` is given.
 
     Args:
         dataset: The data set.
@@ -145,6 +148,8 @@ class SeededLoader(DataLoader):
         **kwargs: Any,
     ) -> None:
         batches = TrainBatchSampler(sampler, batch_size, drop_last, merge_single=merge_single)
+        # Tensor-backed data are read one index per batch (same batches, same order).
+        dataset, kwargs = batched_loader_args(dataset, kwargs)
         super().__init__(dataset, batch_sampler=batches, **kwargs)
 
     @property

@@ -49,6 +49,8 @@ class MIU(UnlearningMethod):
             feature_module=ctx.feature_module,
             runtime=ctx.runtime,
         )
+        # The retain rows between two tuning phases decide how T_o scores cached features.
+        self.handle.retain_rows_per_epoch = len(ctx.retain_loader.index_sampler)
         self.handle.cache_features(ctx.train, num_workers=cfg.num_workers, progress=ctx.progress)
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:

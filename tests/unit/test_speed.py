@@ -1,0 +1,208 @@
+"""Speed paths give the results of the plain paths (docs/method.md §3.3, §4).
+
+* batched fetching of tensor-backed data (:mod:`miu_hooks.batched`): the same
+  batches as a ``DataLoader`` reading item by item, hence bit-equal weights;
+* T_o's scores of cached features from a T_o forward instead of the score table:
+  equal to float round-off;
+* a tuning step computed once while T_o is T_u's exact copy and z_o equals z_u:
+  bit-equal critics and weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
+from toy_problem import toy_net, toy_split
+
+import miu_hooks.batched as batched_mod
+from miu_hooks import MIUConfig, TrainConfig, attach, unlearn
+from miu_hooks.batched import BatchedIndexedDataset, BatchedTensorView, batched, collate
+from miu_hooks.data import GroupTensorDataset, IndexedDataset, dataset_groups, indexed
+from miu_hooks.engine import MIUHandle
+from miu_hooks.methods.base import SeededLoader, ShuffleSampler
+
+pytestmark = pytest.mark.unit
+
+CFG = MIUConfig(epochs=3, forget_epochs=2, batch_size=16, mine_hidden=16, mine_warmup_iters=6,
+                mine_iters=2, lr=0.05, device="cpu")  # fmt: skip
+
+
+def _tensors(n: int, seed: int, dtype: torch.dtype = torch.float32) -> GroupTensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    return GroupTensorDataset(torch.randn(n, 3, generator=gen).to(dtype),
+                              torch.randint(0, 2, (n,), generator=gen),
+                              torch.randint(0, 4, (n,), generator=gen))  # fmt: skip
+
+
+def _nested() -> IndexedDataset:
+    a, b = _tensors(40, 0), _tensors(13, 1)
+    return indexed(ConcatDataset([Subset(a, list(range(0, 40, 3))), b, Subset(b, [12, 0, 5])]))
+
+
+def _assert_same_batches(fast: DataLoader, slow: DataLoader) -> None:
+    n = 0
+    for x, y in zip(fast, slow, strict=True):
+        assert len(x) == len(y)
+        for u, v in zip(x, y, strict=True):
+            assert u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v)
+        n += 1
+    assert n > 1
+
+
+def test_batched_loader_yields_the_item_by_item_batches() -> None:
+    data = _nested()
+    fast = SeededLoader(data, sampler=ShuffleSampler(len(data), seed=3), batch_size=7)
+    assert isinstance(fast.dataset, BatchedIndexedDataset)
+    assert fast.dataset.dataset is data.dataset  # same .dataset as the IndexedDataset
+    slow = DataLoader(data, batch_sampler=fast.batch_sampler)  # the same index batches
+    _assert_same_batches(fast, slow)
+    plain = _tensors(30, 2)
+    fast = SeededLoader(plain, sampler=ShuffleSampler(30, seed=1), batch_size=8)
+    assert isinstance(fast.dataset, BatchedTensorView)
+    _assert_same_batches(fast, DataLoader(plain, batch_sampler=fast.batch_sampler))
+    assert torch.equal(dataset_groups(fast.dataset), plain.groups)
+
+
+def test_batched_reads_negative_and_rejects_out_of_range_positions() -> None:
+    view = batched(_tensors(5, 0))
+    x = collate(view.__getitems__([-1, 0]))[0]
+    assert torch.equal(x, torch.stack([view[4][0], view[0][0]]))
+    with pytest.raises(IndexError, match="index 5"):
+        view.__getitems__([0, 5])
+
+
+def test_only_plain_tensor_data_are_batched() -> None:
+    class Augmented(TensorDataset):
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            x, y, g = super().__getitem__(i)
+            return x + 1, y, g
+
+    aug = Augmented(torch.zeros(4, 2), torch.zeros(4).long(), torch.zeros(4).long())
+    assert batched(aug) is aug
+    mixed = ConcatDataset([_tensors(4, 0), _tensors(4, 1, torch.float64)])  # dtypes differ
+    assert batched(mixed) is mixed
+    items = [(torch.zeros(2), 0, 1)] * 3
+    assert batched(items) is items
+    loader = SeededLoader(_tensors(6, 0), sampler=ShuffleSampler(6), batch_size=2,
+                          collate_fn=lambda b: b)  # the caller's collate_fn wins
+    assert isinstance(loader.dataset, GroupTensorDataset)
+
+
+@pytest.mark.parametrize("method", ["miu", "finetune_reweight", "scrub"])
+def test_batched_fetching_gives_bit_equal_weights(method: str, monkeypatch) -> None:
+    _, retain, forget = toy_split()
+    if method == "miu":
+        cfg: TrainConfig = CFG
+    else:
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, device="cpu")
+    if method == "scrub":
+        from miu_hooks import SCRUBConfig
+
+        cfg = SCRUBConfig(epochs=2, forget_epochs=1, batch_size=16, device="cpu")
+    fast = unlearn(toy_net(), retain, forget, config=cfg, num_groups=4, method=method)
+    monkeypatch.setattr(batched_mod, "ENABLED", False)
+    slow = unlearn(toy_net(), retain, forget, config=cfg, num_groups=4, method=method)
+    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_direct_original_scores_match_the_table(monkeypatch) -> None:
+    """A run scoring T_o per retain step equals one reading T_o's score table."""
+    _, retain, forget = toy_split()
+    runs = {}
+    for mode in ("table", "direct"):
+        monkeypatch.setattr(MIUHandle, "original_scoring", mode)
+        logs: list[dict[str, float]] = []
+        model = unlearn(toy_net(), retain, forget, config=CFG, num_groups=4,
+                        on_epoch_end=lambda _e, log: logs.append(log))  # fmt: skip
+        runs[mode] = (model.state_dict(), logs)
+    (wt, lt), (wd, ld) = runs["table"], runs["direct"]
+    for k in wt:
+        assert torch.allclose(wt[k], wd[k], rtol=1e-5, atol=1e-6), k
+    for a, b in zip(lt, ld, strict=True):
+        assert a["miu/mi_original"] == pytest.approx(b["miu/mi_original"], rel=1e-5, abs=1e-6)
+
+
+def test_auto_scoring_picks_the_cheaper_way() -> None:
+    full, _, _ = toy_split()
+    with attach(toy_net(), CFG, num_groups=4) as handle:
+        assert not handle.uses_score_table()  # no cache: a forward
+        handle.build_feature_cache(DataLoader(IndexedDataset(full), batch_size=32), len(full))
+        assert handle.uses_score_table()  # retain rows unknown (Trainer, Accelerate)
+        n, d, g = len(full), 12, 4
+        handle.retain_rows_per_epoch = n  # N·(d+|G|) > N·(d+2): a forward per step
+        assert not handle.uses_score_table()
+        handle.retain_rows_per_epoch = -(-n * (d + g) // (d + 2))  # just enough rows
+        assert handle.uses_score_table()
+
+
+def _tuned(tie: bool, monkeypatch, cfg: MIUConfig = CFG) -> tuple[MIUHandle, list[float]]:
+    monkeypatch.setattr(MIUHandle, "tie_critics", tie)
+    full, _, _ = toy_split()
+    handle = attach(toy_net(), cfg, num_groups=4)
+    loader = DataLoader(IndexedDataset(full), batch_size=16, shuffle=False)
+    handle.build_feature_cache(loader, len(full))
+    handle.tune(iter(list(loader) * 3), 12)
+    return handle, list(handle.pop_logs().values())
+
+
+@pytest.mark.parametrize("on", ["original", "unlearned"])
+def test_tied_tuning_leaves_the_critics_bit_equal(on: str, monkeypatch) -> None:
+    cfg = CFG.replace(tune_original_on=on)
+    tied, logs_t = _tuned(True, monkeypatch, cfg)
+    assert tied.tied_steps == 12  # z_u == z_o on every step
+    plain, logs_p = _tuned(False, monkeypatch, cfg)
+    assert plain.tied_steps == 0
+    assert logs_t == logs_p
+    for name in ("critic_model", "critic_original", "opt_critic_model", "opt_critic_original"):
+        a, b = getattr(tied, name).state_dict(), getattr(plain, name).state_dict()
+        if name.startswith("opt"):
+            a, b = a["state"], b["state"]
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]), (name, k)
+        else:
+            for k in a:
+                assert torch.equal(a[k], b[k]), (name, k)
+    tied.remove()
+    plain.remove()
+
+
+def test_tuning_unties_when_the_features_differ(monkeypatch) -> None:
+    """After the model moved, z_u != z_o: both critics are tuned, as without the tie."""
+    handles = []
+    for tie in (True, False):
+        handle, _ = _tuned(tie, monkeypatch)
+        with torch.no_grad():
+            handle.model[0].weight.add_(0.1)
+        full, _, _ = toy_split()
+        loader = DataLoader(IndexedDataset(full), batch_size=16)
+        handle.tune(iter(list(loader)), 3)
+        handles.append(handle)
+    assert not handles[0]._critics_identical()
+    assert [h.tied_steps for h in handles] == [12, 0]  # none after the model moved
+    for name in ("critic_model", "critic_original"):
+        a, b = (getattr(h, name).state_dict() for h in handles)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    for h in handles:
+        h.remove()
+
+
+def test_tied_tuning_whole_run_bit_equal(monkeypatch) -> None:
+    _, retain, forget = toy_split()
+    out, tied = [], []
+    real = MIUHandle.remove
+
+    def remove(self: MIUHandle) -> None:
+        tied.append(self.tied_steps)
+        real(self)
+
+    monkeypatch.setattr(MIUHandle, "remove", remove)
+    for tie in (True, False):
+        monkeypatch.setattr(MIUHandle, "tie_critics", tie)
+        out.append(unlearn(toy_net(), retain, forget, config=CFG, num_groups=4).state_dict())
+    assert tied[0] == CFG.mine_warmup_iters and tied[-1] == 0  # the first phase was tied
+    for k in out[0]:
+        assert torch.equal(out[0][k], out[1][k]), k
