@@ -141,9 +141,12 @@ class _Indexed(_Source):
 
 def _plain(dataset: Any, cls: type) -> bool:
     """``dataset`` is a ``cls`` whose item access is ``cls``'s own."""
-    kind = type(dataset)
-    return isinstance(dataset, cls) and kind.__getitem__ is cls.__getitem__ and (
-        getattr(kind, "__getitems__", None) is getattr(cls, "__getitems__", None)
+    kind: Any = type(dataset)
+    own: Any = cls
+    return (
+        isinstance(dataset, cls)
+        and kind.__getitem__ is own.__getitem__
+        and getattr(kind, "__getitems__", None) is getattr(own, "__getitems__", None)
     )
 
 

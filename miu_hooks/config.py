@@ -41,6 +41,8 @@ OriginalPrecision = Literal["fp32", "compute"]
 Scheduler = Literal["cosine", "constant"]
 Optimizer = Literal["sgd", "adamw"]
 FeatureCache = Literal["auto", "on", "off"]
+CriticWidth = Literal["fixed", "feature"]
+TuneOriginal = Literal["every_epoch", "warmup"]
 Clip = Literal["norm", "adaptive"]
 ForgetObjective = Literal["floor", "smile", "dv"]
 
@@ -175,6 +177,26 @@ class MIUConfig(TrainConfig):
         100, "Critic-tuning steps at the start of the first epoch, N_0.", low=0
     )
     mine_iters: int = setting(10, "Critic-tuning steps at the start of every later epoch.", low=0)
+    critic_width: CriticWidth = setting(
+        "fixed",
+        "Hidden width of the critics: fixed, mine_hidden (the paper's 512); feature, "
+        "min(mine_hidden, max(32, 2d)) for d-wide features (cheaper for small models; "
+        "changes the estimates).",
+    )
+    mine_warmup_tol: float | None = setting(
+        None,
+        "Stop the first tuning phase early once the critics' mean estimate over 10 steps "
+        "has moved by less than this many nats from the previous 10 steps' twice in a row "
+        "(None: always mine_warmup_iters steps; one host read per 10 steps).",
+        low=0,
+        low_open=True,
+    )
+    tune_original: TuneOriginal = setting(
+        "every_epoch",
+        "When T_o, the original model's critic, is tuned: every_epoch (with T_u, the "
+        "paper's schedule) or warmup (the first tuning phase only: its features never "
+        "change; later phases tune T_u alone).",
+    )
     ema: float = setting(
         0.01,
         "α of MINE's moving average of the partition term.",

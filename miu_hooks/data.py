@@ -367,8 +367,9 @@ def dataset_groups(dataset: Dataset, group_key: str = "group") -> Tensor:
         return torch.cat([dataset_groups(d, group_key) for d in dataset.datasets])
     if isinstance(dataset, IndexedDataset):
         return dataset_groups(dataset.dataset, group_key)
-    if getattr(dataset, "batched_from", None) is not None:  # miu_hooks.batched's view
-        return dataset_groups(dataset.batched_from, group_key)
+    base = getattr(dataset, "batched_from", None)  # miu_hooks.batched's view
+    if base is not None:
+        return dataset_groups(base, group_key)
     groups = []
     for i in range(len(dataset)):  # type: ignore[arg-type]
         item = dataset[i]

@@ -44,7 +44,13 @@ from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.taps import FeatureTap, feature_width_error, infer_feature_dim, unwrap_model
 from miu_hooks.wrappers import refuse_unsupported
 
-__all__ = ["MIUHandle", "attach", "batchnorm_buffers_restored", "resolve_original"]
+__all__ = [
+    "MIUHandle",
+    "attach",
+    "batchnorm_buffers_restored",
+    "critic_hidden",
+    "resolve_original",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +90,39 @@ def batchnorm_buffers_restored(model: nn.Module, enabled: bool = True) -> Iterat
             for module, buffers in saved:
                 for name, value in buffers.items():
                     getattr(module, name).copy_(value)
+
+
+def critic_hidden(config: MIUConfig, feature_dim: int) -> int:
+    """Hidden width of the critics for ``feature_dim``-wide features (``config.critic_width``).
+
+    Example:
+        >>> cfg = MIUConfig(critic_width="feature")
+        >>> critic_hidden(MIUConfig(), 64), critic_hidden(cfg, 64), critic_hidden(cfg, 768)
+        (512, 128, 512)
+    """
+    if config.critic_width == "feature":
+        return min(config.mine_hidden, max(32, 2 * int(feature_dim)))
+    return config.mine_hidden
+
+
+#: Steps per window of the warm-up's convergence test (``MIUConfig.mine_warmup_tol``).
+WARMUP_WINDOW = 10
+
+
+def _converged(windows: list[float], tol: float) -> bool:
+    """Whether the last three window means moved by less than ``tol`` twice in a row.
+
+    Two consecutive small moves, not one: a single pair of noisy window means can
+    be close while the estimate is still rising.
+
+    Example:
+        >>> _converged([0.1, 0.2, 0.205], 0.01), _converged([0.1, 0.195, 0.2, 0.204], 0.01)
+        (False, True)
+    """
+    if len(windows) < 3:
+        return False
+    a, b, c = windows[-3:]
+    return abs(b - a) < tol and abs(c - b) < tol
 
 
 def _cycle(loader: Iterable[Any], epoch: int) -> Iterator[Any]:
@@ -167,6 +206,8 @@ class MIUHandle(HandleBookkeeping):
         self.epoch = 0
         self.counters = {"tune": 0, "forget": 0, "retain": 0}
         self.tied_steps = 0  # tuning steps computed once for both critics
+        self._tune_estimate: Tensor | None = None  # (Î_u + Î_o)/2 of the last tuning step
+        self.warmup_steps: int | None = None  # steps the first tuning phase ran
         self.batch: Batch | None = None  # the batch being processed (blamed for NaN inputs)
         self.log_counts: dict[str, int] = {}
         self._log_sums: dict[str, Tensor] = {}
@@ -180,11 +221,12 @@ class MIUHandle(HandleBookkeeping):
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            crit_u = MIEstimator(feature_dim, self.num_groups, cfg.mine_hidden, cfg.ema)
+            hidden = critic_hidden(cfg, feature_dim)
+            crit_u = MIEstimator(feature_dim, self.num_groups, hidden, cfg.ema)
             if cfg.critic_init == "shared":  # equal estimates while z_u == z_o
                 crit_o = copy.deepcopy(crit_u)
             else:
-                crit_o = MIEstimator(feature_dim, self.num_groups, cfg.mine_hidden, cfg.ema)
+                crit_o = MIEstimator(feature_dim, self.num_groups, hidden, cfg.ema)
         self.critic_model = crit_u.to(self.runtime.device).requires_grad_(False)
         self.critic_original = crit_o.to(self.runtime.device).requires_grad_(False)
         self.opt_critic_model = torch.optim.SGD(crit_u.parameters(), lr=cfg.mine_lr, momentum=0.9)
@@ -395,29 +437,68 @@ class MIUHandle(HandleBookkeeping):
         return mi_u, self.critic_original.bound(joint, marg)
 
     # -- the three steps ---------------------------------------------------------------
-    def tune(self, batches: Iterator[Any], steps: int) -> None:
-        """Run ``steps`` critic-tuning steps (features under ``no_grad``; METHOD §3.3 step 1)."""
+    def tune(
+        self,
+        batches: Iterator[Any],
+        steps: int,
+        *,
+        tol: float | None = None,
+        original: bool = True,
+    ) -> int:
+        """Run ``steps`` critic-tuning steps (features under ``no_grad``; METHOD §3.3 step 1).
+
+        Args:
+            batches: Batches of D.
+            steps: The number of steps (at most, with ``tol``).
+            tol: Stop early once the mean of (Î_u + Î_o)/2 over a window of
+                :data:`WARMUP_WINDOW` steps has moved by less than ``tol`` nats from
+                the previous window's, twice in a row (:func:`_converged`; one host
+                read per window).
+            original: Tune T_o too (``False``: T_u alone; T_o is left as it is).
+
+        Returns:
+            The number of steps run.
+        """
         if steps <= 0:
-            return
+            return 0
         was_training = self.model.training
         self.model.train()
         saved = self._critic_snapshot()
-        tied = self._critics_identical()
+        tied = original and self._critics_identical()
+        done = 0
+        windows: list[float] = []
+        window_sum: Tensor | None = None
         try:
             with batchnorm_buffers_restored(self.model, self.config.restore_batchnorm), deferred(
                 self._reduce_max()
             ) as checks:
-                for _ in range(steps):
-                    tied = self._tune_step(self.split(next(batches)), tied=tied)
+                while done < steps:
+                    tied = self._tune_step(self.split(next(batches)), tied=tied, original=original)
+                    done += 1
+                    if tol is None:
+                        continue
+                    mi = self._tune_estimate
+                    assert mi is not None
+                    window_sum = mi if window_sum is None else window_sum + mi
+                    if done % WARMUP_WINDOW == 0:
+                        windows.append(float(window_sum) / WARMUP_WINDOW)  # one host read
+                        window_sum = None
+                        if _converged(windows, tol):
+                            break
                 if tied:
                     self._copy_critic()
                 # One host read for the whole phase; a failure puts the critics back.
                 self._flush(checks, restore=saved)
+            if tol is not None:
+                logger.info("critic warm-up: %d of at most %d steps (tol %g nats; window "
+                            "means %s)", done, steps, tol,
+                            ", ".join(f"{w:.4f}" for w in windows))  # fmt: skip
         finally:
             self.model.train(was_training)
             if self.critic_model is not None and self.critic_original is not None:
                 self.critic_model.requires_grad_(False)
                 self.critic_original.requires_grad_(False)
+        return done
 
     def _critics_identical(self) -> bool:
         """Whether T_u and T_o, their EMA and their optimisers are in the same state, exactly.
@@ -430,7 +511,8 @@ class MIUHandle(HandleBookkeeping):
         ou, oo = self.opt_critic_model, self.opt_critic_original
         if cu is None or co is None or ou is None or oo is None:
             return False
-        if not self.tie_critics or self.runtime.device.type != "cpu" or self.runtime.world_size != 1:
+        rt = self.runtime
+        if not self.tie_critics or rt.device.type != "cpu" or rt.world_size != 1:
             return False
         if not all(
             torch.equal(a, b)
@@ -471,35 +553,47 @@ class MIUHandle(HandleBookkeeping):
                 }
         self._original_scores = None
 
-    def _tune_step(self, batch: Batch, *, tied: bool = False) -> bool:
+    def _tune_step(self, batch: Batch, *, tied: bool = False, original: bool = True) -> bool:
         """One critic-tuning step; returns whether the critics are still tied.
 
         ``tied``: T_o is T_u's exact copy, with only T_u updated since
         (:meth:`_critics_identical`). When z_o equals z_u too, T_o's step would be
         T_u's, bit for bit: T_u alone is stepped and T_o stays a lazy copy
         (:meth:`_copy_critic`) until the features differ or the phase ends.
+        ``original=False`` tunes T_u alone (``MIUConfig.tune_original="warmup"``).
         """
         with torch.no_grad(), self.runtime.autocast(), self.tap.capturing():
             forward_logits(self.model, batch.inputs)
         z_u = self.tap.pop().detach()
-        if self.config.tune_original_on == "original":
+        if not original:
+            z_o = None
+        elif self.config.tune_original_on == "original":
             z_o = self.original_features(batch)
         else:
             z_o = z_u
         crit_u, crit_o = self._critics(z_u)
         assert self.opt_critic_model is not None and self.opt_critic_original is not None
-        if tied and (z_o is z_u or (z_o.dtype == z_u.dtype and torch.equal(z_o, z_u))):
+        same = z_o is not None and (
+            z_o is z_u or (z_o.dtype == z_u.dtype and torch.equal(z_o, z_u))
+        )
+        if z_o is None or (tied and same):
             crit_u.requires_grad_(True)
             mi_u = self._mi_model(z_u, batch.groups)[0]
-            self.check_finite((-(mi_u + mi_u)).detach(), "critic tuning", "-(I_u + I_o)",
-                              local=False)  # fmt: skip
+            if z_o is None:
+                self.check_finite(-mi_u.detach(), "critic tuning", "-I_u", local=False)
+            else:
+                self.check_finite((-(mi_u + mi_u)).detach(), "critic tuning", "-(I_u + I_o)",
+                                  local=False)  # fmt: skip
             self.opt_critic_model.zero_grad(set_to_none=True)
             (-mi_u).backward()  # the gradient -(I_u + I_o) sends to T_u
             self.opt_critic_model.step()
-            self._original_scores = None
             self.counters["tune"] += 1
-            self.tied_steps += 1
             self._log("miu/tune_mi_model", mi_u)
+            self._tune_estimate = mi_u.detach()
+            if z_o is None:
+                return False
+            self._original_scores = None  # T_o (a lazy copy of T_u) changed
+            self.tied_steps += 1
             self._log("miu/tune_mi_original", mi_u)
             return True
         if tied:
@@ -519,6 +613,7 @@ class MIUHandle(HandleBookkeeping):
         self.counters["tune"] += 1
         self._log("miu/tune_mi_model", mi_u)
         self._log("miu/tune_mi_original", mi_o)
+        self._tune_estimate = 0.5 * (mi_u.detach() + mi_o.detach())
         return False
 
     def forget_loss(self, z_model: Tensor, groups: Tensor) -> Tensor:
@@ -645,8 +740,17 @@ class MIUHandle(HandleBookkeeping):
     ) -> None:
         """Tune the critics, then (for ``epoch < forget_epochs``) run the forget pass."""
         self.epoch = epoch
-        steps = self.config.mine_warmup_iters if epoch == 0 else self.config.mine_iters
-        self.tune(_cycle(tune_loader, epoch), steps)
+        cfg = self.config
+        if epoch == 0:
+            self.warmup_steps = self.tune(
+                _cycle(tune_loader, epoch), cfg.mine_warmup_iters, tol=cfg.mine_warmup_tol
+            )
+        else:
+            self.tune(
+                _cycle(tune_loader, epoch),
+                cfg.mine_iters,
+                original=cfg.tune_original == "every_epoch",
+            )
         if epoch < self.config.forget_epochs:
             self.forget_pass(forget_loader, optimizer)
 

@@ -104,7 +104,8 @@ class MIEstimator(nn.Module):
 
     def _head(self, hz: Tensor, groups: Tensor) -> Tensor:
         # hz: [B, h]; groups: [k, B] -> scores [k, B] (one pass for all k group sets).
-        hidden = F.relu(hz.unsqueeze(0) + F.embedding(groups, self._group_rows()))
+        # In place on the gathered rows (a fresh tensor): no [k, B, h] temporaries.
+        hidden = torch.relu_(F.embedding(groups, self._group_rows()).add_(hz.unsqueeze(0)))
         return self.net[2](hidden).float().squeeze(-1)
 
     def scores(self, z: Tensor, groups: Tensor) -> Tensor:

@@ -84,8 +84,9 @@ def test_only_plain_tensor_data_are_batched() -> None:
     assert batched(mixed) is mixed
     items = [(torch.zeros(2), 0, 1)] * 3
     assert batched(items) is items
-    loader = SeededLoader(_tensors(6, 0), sampler=ShuffleSampler(6), batch_size=2,
-                          collate_fn=lambda b: b)  # the caller's collate_fn wins
+    loader = SeededLoader(
+        _tensors(6, 0), sampler=ShuffleSampler(6), batch_size=2, collate_fn=lambda b: b
+    )  # the caller's collate_fn wins
     assert isinstance(loader.dataset, GroupTensorDataset)
 
 
@@ -115,7 +116,7 @@ def test_direct_original_scores_match_the_table(monkeypatch) -> None:
         monkeypatch.setattr(MIUHandle, "original_scoring", mode)
         logs: list[dict[str, float]] = []
         model = unlearn(toy_net(), retain, forget, config=CFG, num_groups=4,
-                        on_epoch_end=lambda _e, log: logs.append(log))  # fmt: skip
+                        on_epoch_end=lambda _e, log, logs=logs: logs.append(log))  # fmt: skip
         runs[mode] = (model.state_dict(), logs)
     (wt, lt), (wd, ld) = runs["table"], runs["direct"]
     for k in wt:
@@ -206,3 +207,76 @@ def test_tied_tuning_whole_run_bit_equal(monkeypatch) -> None:
     assert tied[0] == CFG.mine_warmup_iters and tied[-1] == 0  # the first phase was tied
     for k in out[0]:
         assert torch.equal(out[0][k], out[1][k]), k
+
+
+# -- opt-in settings (they change what a run computes; docs/method.md §4) -----------------
+
+
+def test_opt_in_settings_are_validated() -> None:
+    from miu_hooks import ConfigError
+
+    for bad in ({"critic_width": "wide"}, {"tune_original": "never"}, {"mine_warmup_tol": 0.0},
+                {"mine_warmup_tol": -1.0}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            MIUConfig(**bad)
+    cfg = MIUConfig()
+    assert (cfg.critic_width, cfg.mine_warmup_tol, cfg.tune_original) == (
+        "fixed",
+        None,
+        "every_epoch",
+    )  # the defaults compute what they did before
+
+
+def test_critic_width_follows_the_feature_width() -> None:
+    from miu_hooks.engine import critic_hidden
+
+    feature = MIUConfig(critic_width="feature")
+    assert [critic_hidden(feature, d) for d in (2, 64, 200, 768)] == [32, 128, 400, 512]
+    assert critic_hidden(feature.replace(mine_hidden=64), 200) == 64  # never above mine_hidden
+    assert critic_hidden(MIUConfig(), 2) == 512
+    with attach(toy_net(), CFG.replace(critic_width="feature", mine_hidden=512),
+                num_groups=4) as handle:  # fmt: skip
+        assert handle.critic_model is not None and handle.critic_original is not None
+        assert handle.critic_model.first.out_features == 32  # 12-wide features
+        assert handle.critic_original.first.out_features == 32
+
+
+def _tune_loader() -> DataLoader:
+    full, _, _ = toy_split()
+    return DataLoader(IndexedDataset(full), batch_size=16, shuffle=False)
+
+
+def test_warmup_stops_once_the_estimate_settles() -> None:
+    loader = _tune_loader()
+    cfg = CFG.replace(mine_warmup_iters=100, forget_epochs=0)
+    net = toy_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    runs = {}
+    for tol in (None, 10.0, 1e-9):  # never / at the first chance / never in practice
+        with attach(toy_net(), cfg.replace(mine_warmup_tol=tol), num_groups=4) as handle:
+            handle.epoch_start(0, optimizer=opt, forget_loader=[], tune_loader=loader)
+            runs[tol] = (handle.warmup_steps, handle.counters["tune"])
+    assert runs[None] == (100, 100)
+    assert runs[10.0] == (30, 30)  # three windows of 10 steps: two small moves
+    assert runs[1e-9] == (100, 100)
+
+
+def test_tune_original_warmup_leaves_the_original_critic_after_the_first_phase() -> None:
+    loader = _tune_loader()
+    cfg = CFG.replace(forget_epochs=0)
+    opt = torch.optim.SGD(toy_net().parameters(), lr=0.1)
+    states = {}
+    for when in ("every_epoch", "warmup"):
+        with attach(toy_net(), cfg.replace(tune_original=when), num_groups=4) as handle:
+            handle.epoch_start(0, optimizer=opt, forget_loader=[], tune_loader=loader)
+            assert handle.critic_original is not None and handle.critic_model is not None
+            first = {k: v.clone() for k, v in handle.critic_original.state_dict().items()}
+            model_first = handle.critic_model.first.weight.clone()
+            handle.epoch_start(1, optimizer=opt, forget_loader=[], tune_loader=loader)
+            same = all(torch.equal(v, handle.critic_original.state_dict()[k])
+                       for k, v in first.items())  # fmt: skip
+            states[when] = same
+            assert not torch.equal(model_first, handle.critic_model.first.weight)  # T_u tuned
+    assert states == {"every_epoch": False, "warmup": True}
+    _, retain, forget = toy_split()  # a whole run with the setting
+    unlearn(toy_net(), retain, forget, config=CFG.replace(tune_original="warmup"), num_groups=4)
