@@ -35,10 +35,15 @@ METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("miu_lambda10", "miu", {"mi_weight": 10.0}),  # docs/method.md §4's r = 0.5 λ
     ("miu_dv", "miu", {"forget_objective": "dv"}),  # the paper's unbounded forget objective
     ("miu_dv_noclip", "miu", {"forget_objective": "dv", "max_grad_norm": None}),  # as before
+    # Opt-in speed settings (docs/method.md §4; only with --methods, default protocol):
+    ("miu_critic_feature", "miu", {"critic_width": "feature"}),
+    ("miu_fast", "miu", {"critic_width": "feature", "mine_warmup_tol": 0.02,
+                         "tune_original": "warmup"}),
 )  # fmt: skip
 ABLATION_ROWS = ("miu_no_reweight", "miu_independent_critics", "miu_lambda10", "miu_dv",
                  "miu_dv_noclip")  # fmt: skip
-DEFAULT_ROWS = tuple(row for row, _, _ in METHODS if row not in ABLATION_ROWS)
+SPEED_ROWS = ("miu_critic_feature", "miu_fast")
+DEFAULT_ROWS = tuple(row for row, _, _ in METHODS if row not in (*ABLATION_ROWS, *SPEED_ROWS))
 METRICS = (*GAP_METRICS[:4], "MIA_AUC", "EO", "GA", "worst_group")
 
 # The tuning budget (docs/method.md §11): at most 6 configurations per method, a learning

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+import miu_hooks
 from miu_hooks import MIUConfig, TrainConfig, unlearn
 from miu_hooks.atomic import atomic_write_text
 from miu_hooks.data import GroupTensorDataset
@@ -53,15 +54,20 @@ OPT_IN: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def make_task(rows: int, features: int, seed: int) -> dict[str, Any]:
-    """Retain and forget sets of a 4-group tabular task and a briefly trained MLP 64-64."""
-    gen = torch.Generator().manual_seed(seed)
+def _draw(rows: int, features: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     y = torch.randint(0, 2, (rows,), generator=gen)
     s = (torch.rand(rows, generator=gen) < torch.where(y == 1, 0.7, 0.3)).long()
-    groups = s + 2 * y
     x = torch.randn(rows, features, generator=gen)
     x[:, 0] += 1.5 * y - 0.75
     x[:, 1] += 1.0 * s - 0.5
+    return x, y, s + 2 * y
+
+
+def make_task(rows: int, features: int, seed: int) -> dict[str, Any]:
+    """Retain, forget and test sets of a 4-group tabular task and a briefly trained MLP 64-64."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y, groups = _draw(rows, features, gen)
+    test = _draw(5_000, features, torch.Generator().manual_seed(seed + 1))
     pool = torch.nonzero(groups == 2).reshape(-1)
     pool = pool[torch.randperm(pool.numel(), generator=gen)]
     forget_idx = pool[: pool.numel() // 2]
@@ -80,7 +86,19 @@ def make_task(rows: int, features: int, seed: int) -> dict[str, Any]:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return {"retain": retain, "forget": forget, "model": model.eval()}
+    return {"retain": retain, "forget": forget, "model": model.eval(), "test": test}
+
+
+@torch.no_grad()
+def quality(model: nn.Module, task: dict[str, Any]) -> dict[str, float]:
+    """Test accuracy (TA), forget-group test accuracy (GA) and forget accuracy (FA), in %."""
+    model.eval()
+    x, y, g = task["test"]
+    right = model(x).argmax(-1) == y
+    f = task["forget"]
+    fa = (model(f.inputs).argmax(-1) == f.labels).float().mean()
+    ga = right[g == 2].float().mean()
+    return {"TA": 100 * float(right.float().mean()), "GA": 100 * float(ga), "FA": 100 * float(fa)}
 
 
 def _fields() -> set[str]:
@@ -101,18 +119,20 @@ def variants(include_opt_in: bool) -> dict[str, tuple[str, dict[str, Any]]]:
     return out
 
 
-def time_run(task: dict[str, Any], method: str, extra: dict[str, Any], seed: int) -> float:
-    """Seconds of one whole ``unlearn`` run (the defaults, guard included)."""
+def time_run(
+    task: dict[str, Any], method: str, extra: dict[str, Any], seed: int
+) -> tuple[float, dict[str, float]]:
+    """Seconds of one whole ``unlearn`` run (the defaults, guard included), and its quality."""
     model = copy.deepcopy(task["model"])
     common = {"epochs": 5, "batch_size": 256, "seed": seed, "device": "cpu"}
     cfg: TrainConfig = (MIUConfig(forget_epochs=3, **common, **extra) if method == "miu"
                         else TrainConfig(**common))  # fmt: skip
     start = time.perf_counter()
     unlearn(model, task["retain"], task["forget"], config=cfg, method=method, num_groups=4)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, quality(model, task)
 
 
-def child_times(python: str, task_name: str, rep: int) -> dict[str, float]:
+def child_times(python: str, task_name: str, rep: int) -> dict[str, Any]:
     """Seconds of MIU's and FT+RW's defaults under another interpreter (another checkout)."""
     cmd = [python, str(Path(__file__).resolve()), "--child", task_name, "--child-rep", str(rep)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -131,23 +151,27 @@ def measure(reps: int, include_opt_in: bool, before_python: str | None = None) -
     for task_name, (rows, feats) in TASKS.items():
         task = make_task(rows, feats, seed=0)
         times: dict[str, list[float]] = defaultdict(list)
+        scores: dict[str, list[dict[str, float]]] = defaultdict(list)
         order = list(names)
         for rep in range(reps + 1):
             k = rep % len(order)
-            got: dict[str, float] = {}
+            got: dict[str, tuple[float, dict[str, float]]] = {}
             for name in order[k:] + order[:k]:
                 method, extra = names[name]
                 got[name] = time_run(task, method, extra, seed=rep)
             if before_python is not None:
-                got.update({f"before: {n}": t for n, t in
+                got.update({f"before: {n}": (t, q) for n, (t, q) in
                             child_times(before_python, task_name, rep).items()})  # fmt: skip
             if rep:  # the first repetition warms caches and allocators up
-                for name, t in got.items():
+                for name, (t, q) in got.items():
                     times[name].append(t)
-            print(f"{task_name} rep {rep}: " + ", ".join(f"{n} {t:.2f}s" for n, t in got.items()),
+                    scores[name].append(q)
+            print(f"{task_name} rep {rep}: " + ", ".join(f"{n} {t:.2f}s"
+                                                         for n, (t, _) in got.items()),
                   flush=True)  # fmt: skip
         out[task_name] = {"rows": rows, "features": feats, "n_retain": len(task["retain"]),
-                          "n_forget": len(task["forget"]), "seconds": dict(times)}  # fmt: skip
+                          "n_forget": len(task["forget"]), "seconds": dict(times),
+                          "quality": dict(scores)}  # fmt: skip
     return out
 
 
@@ -161,6 +185,7 @@ def child(task_name: str, rep: int) -> None:
     for method in order[rep % 2 :] + order[: rep % 2]:
         got[method] = time_run(task, method, {}, seed=rep)
     print(json.dumps(got))
+    print(f"library: {Path(miu_hooks.__file__).parent}", file=sys.stderr)
 
 
 def summary(result: dict[str, Any]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -177,19 +202,69 @@ def summary(result: dict[str, Any]) -> dict[str, dict[str, tuple[float, float]]]
     return table
 
 
-def render(result: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
-    """The Markdown report."""
+def quality_lines(result: dict[str, Any]) -> list[str]:
+    """Median TA / GA / FA per variant, and how far the defaults moved from 'before'."""
+    metrics = ("TA", "GA", "FA")
+    lines = ["What the runs computed (median over repetitions, %; TA: test accuracy, GA: test "
+             "accuracy of the forget group, FA: accuracy on the forget set; a timing task, "
+             "not a quality benchmark):", "",
+             "| variant | " + " | ".join(f"{t}: {m}" for t in result for m in metrics) + " |",
+             "|---" + "|---:" * (len(result) * len(metrics)) + "|"]  # fmt: skip
+    for name in next(iter(result.values()))["quality"]:
+        cells = [f"{statistics.median(q[m] for q in result[t]['quality'][name]):.2f}"
+                 for t in result for m in metrics]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    pairs = [("miu", "before: miu"), ("finetune_reweight", "before: finetune_reweight")]
+    for now, then in pairs:
+        diffs = [abs(a[m] - b[m]) for t in result
+                 if then in result[t]["quality"]
+                 for a, b in zip(result[t]["quality"][now], result[t]["quality"][then], strict=True)
+                 for m in metrics]  # fmt: skip
+        if diffs:
+            lines += ["", f"`{now}` against `{then}` (same seeds): largest difference of any "
+                      f"metric in any repetition {max(diffs):.3f} points."]  # fmt: skip
+    return lines
+
+
+NOTES = [
+    "## Notes",
+    "",
+    "- `miu` is the library's default run. What this version does by default leaves its "
+    "results as they were (docs/method.md §4, *Cost*): tensor-backed data are read one index "
+    "per batch, for every method (which speeds `finetune_reweight` up as much as MIU, so the "
+    "ratio does not fall with it); T_o scores cached features by a forward per retain step "
+    "when that is cheaper than rebuilding its score table after every tuning phase; a tuning "
+    "step of two identical critics on equal features is computed once. The metrics table "
+    "checks it: the same seeds give the same TA, GA and FA as before.",
+    "- The `miu ...=...` rows are opt-in settings that change what is computed "
+    "(docs/method.md §4): a critic as wide as min(512, max(32, 2d)) (128 here), a warm-up "
+    "that stops once the estimate settles, T_o tuned in the first phase only, and the three "
+    "together. Their quality on the benchmark's Colored digits is in "
+    "`benchmarks/RESULTS_speed_quality.md`.",
+    "- What is left in a default MIU run on these MLPs: the critics. Each retain step runs "
+    "T_u forward and backward and T_o forward, each with a 512-wide hidden layer on "
+    "64-wide features (about 9 times the MACs of the MLP's own step), and 140 tuning steps "
+    "(100 warm-up steps whatever the data size: 5 epochs' worth of rows on the 5k task) "
+    "each run a critic forward and backward on a batch. Neither can shrink without changing "
+    "the estimates.",
+]
+
+
+def render(raw: dict[str, Any]) -> str:
+    """The Markdown report of a ``--json`` record."""
+    result, meta = raw["result"], raw["meta"]
     table = summary(result)
-    before = (f" Rows `before: ...` are the defaults of the code under `{args.before_python}`, "
-              "run in the same repetitions (a child process per repetition), with their ratio "
-              "to that code's own `finetune_reweight`." if args.before_python else "")  # fmt: skip
+    before = (f" Rows `before: ...` are the defaults of {meta['before_label']}, run in the same "
+              "repetitions (a child process per repetition, right after this version's), with "
+              "their ratio to that code's own `finetune_reweight`."
+              if meta.get("before_label") else "")  # fmt: skip
     lines = [
         "# Speed: whole MIU runs against a REWEIGHT fine-tune",
         "",
-        f"Written by `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}` on "
-        f"{datetime.date.today().isoformat()} ({wall / 60:.1f} min; {args.reps} repetitions "
-        "after one warm-up, interleaved in a rotating order; one torch thread; "
-        f"{platform.machine()}, torch {torch.__version__}).",
+        f"Written by `{meta['command']}` on {meta['date']} ({meta['wall_s'] / 60:.1f} min; "
+        f"{meta['reps']} repetitions after one warm-up, interleaved in a rotating order; one "
+        f"torch thread; {meta['machine']}, torch {meta['torch']}; the machine was shared with "
+        "other jobs, so compare ratios measured side by side, not seconds across runs).",
         "",
         "Every run: `unlearn(model, retain, forget, config=MIUConfig(epochs=5, forget_epochs=3, "
         "batch_size=256, seed=s), method=...)` on the CPU, library defaults otherwise (the "
@@ -205,13 +280,21 @@ def render(result: dict[str, Any], args: argparse.Namespace, wall: float) -> str
         secs = [f"{table[t][name][0]:.2f}" for t in table]
         ratios = [f"{table[t][name][1]:.2f}" for t in table]
         lines.append(f"| {name} | " + " | ".join(secs + ratios) + " |")
+    for name in ("miu", "finetune_reweight"):
+        if all(f"before: {name}" in cells for cells in table.values()):
+            gains = [f"{t} {table[t][f'before: {name}'][0] / table[t][name][0]:.1f}×"
+                     for t in table]  # fmt: skip
+            lines += ["", f"`{name}` against `before: {name}`, median seconds: "
+                      + ", ".join(gains) + " faster."]  # fmt: skip
     lines += ["", "Target: a whole MIU run within 1.5× `finetune_reweight` of the same epochs.", ""]
     for t, cells in table.items():
         for name, (_sec, ratio) in cells.items():
             if "miu" in name:
                 verdict = "met" if ratio <= 1.5 else "not met"
                 lines.append(f"- {t}, {name}: {ratio:.2f}× ({verdict})")
-    lines += ["", "Raw seconds per repetition:", "", "```", json.dumps(result), "```", ""]
+    lines += ["", *quality_lines(result), "", *NOTES, "",
+              "Raw seconds and metrics per repetition: the `--json` record "
+              f"(`{meta['json']}`).", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -219,18 +302,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS_speed.md")
+    p.add_argument("--json", type=Path, help="raw record (default: --out with .json)")
+    p.add_argument("--from-json", type=Path, help="re-render --out from a --json record, no runs")
     p.add_argument("--defaults-only", action="store_true", help="time only MIU's defaults")
     p.add_argument("--before-python", help="interpreter of another checkout, timed alongside")
+    p.add_argument("--before-label", help="what --before-python runs, for the report")
     p.add_argument("--child", choices=sorted(TASKS), help=argparse.SUPPRESS)
     p.add_argument("--child-rep", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
         child(args.child, args.child_rep)
         return
+    if args.from_json is not None:
+        atomic_write_text(args.out, render(json.loads(args.from_json.read_text())))
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     result = measure(args.reps, not args.defaults_only, args.before_python)
-    text = render(result, args, time.perf_counter() - start)
+    json_path = args.json or args.out.with_suffix(".json")
+    label = args.before_label or (f"the code under `{args.before_python}`"
+                                  if args.before_python else None)  # fmt: skip
+    meta = {"command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
+            "date": datetime.date.today().isoformat(), "wall_s": time.perf_counter() - start,
+            "reps": args.reps, "machine": platform.machine(), "torch": torch.__version__,
+            "before_label": label, "json": json_path.name}  # fmt: skip
+    raw = {"meta": meta, "result": result}
+    atomic_write_text(json_path, json.dumps(raw, separators=(",", ":")))
+    text = render(raw)
     atomic_write_text(args.out, text)
     print(text)
 

@@ -64,6 +64,13 @@ def test_batched_loader_yields_the_item_by_item_batches() -> None:
     assert torch.equal(dataset_groups(fast.dataset), plain.groups)
 
 
+def test_batched_loader_in_worker_processes() -> None:
+    data = _nested()
+    fast = SeededLoader(data, sampler=ShuffleSampler(len(data), seed=3), batch_size=7,
+                        num_workers=1)  # fmt: skip
+    _assert_same_batches(fast, DataLoader(data, batch_sampler=fast.batch_sampler))
+
+
 def test_batched_reads_negative_and_rejects_out_of_range_positions() -> None:
     view = batched(_tensors(5, 0))
     x = collate(view.__getitems__([-1, 0]))[0]
