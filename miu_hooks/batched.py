@@ -16,7 +16,7 @@ Any other data set is returned unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -40,17 +40,35 @@ __all__ = [
 ENABLED = True
 
 
-class Collated:
-    """A batch already collated by ``__getitems__`` (its columns, in item order).
+class Collated(Sequence[tuple[Any, ...]]):
+    """A batch read by ``__getitems__``: its columns, and its items on demand.
 
-    Not a sequence: a loader without :func:`collate` fails on it loudly rather
-    than collating the columns as if they were items.
+    :func:`collate` returns the columns as they are. Any other ``collate_fn``
+    (a loader built by someone else over the same data set) sees a sequence of
+    the items the data set's ``__getitem__`` returns, built when read, so it
+    collates what it would have without ``__getitems__``.
     """
 
-    __slots__ = ("columns",)
+    __slots__ = ("columns", "indexed")
 
-    def __init__(self, columns: tuple[Tensor, ...]) -> None:
+    def __init__(self, columns: tuple[Tensor, ...], indexed: bool = False) -> None:
         self.columns = columns
+        self.indexed = indexed  # the last column holds positions, items carry them as ints
+
+    def __len__(self) -> int:
+        return int(self.columns[0].shape[0])
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[Any, ...]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[Any, ...]]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = tuple(c[i] for c in self.columns)
+        return (*row[:-1], int(row[-1])) if self.indexed else row
 
 
 def collate(data: Any) -> Any:
@@ -185,7 +203,8 @@ def _take(source: _Source, positions: Sequence[int]) -> Collated:
     if index.numel() and bool(((index < -n) | (index >= n)).any()):
         bad = next(int(i) for i in index if not -n <= int(i) < n)
         raise IndexError(f"index {bad} is out of range for a data set of {n} samples")
-    return Collated(source.take(torch.where(index < 0, index + n, index)))
+    columns = source.take(torch.where(index < 0, index + n, index))
+    return Collated(columns, indexed=isinstance(source, _Indexed))
 
 
 class BatchedTensorView(Dataset):

@@ -71,6 +71,24 @@ def test_batched_loader_in_worker_processes() -> None:
     _assert_same_batches(fast, DataLoader(data, batch_sampler=fast.batch_sampler))
 
 
+def test_a_foreign_loader_over_a_batched_view_sees_the_items() -> None:
+    """A loader with another collate_fn (e.g. built by a launcher) collates the plain items."""
+    data = _nested()
+    view = batched(data)
+    assert isinstance(view, BatchedIndexedDataset)
+    items = view.__getitems__([4, 0])
+    for got, want in zip(items, [data[4], data[0]], strict=True):
+        assert len(got) == len(want) == 4
+        assert all(torch.equal(torch.as_tensor(u), torch.as_tensor(v))
+                   for u, v in zip(got, want, strict=True))  # fmt: skip
+    assert isinstance(items[0][3], int)  # positions stay ints, as IndexedDataset's
+    order = [5, 1, 7, 2]
+    seen = next(iter(DataLoader(view, batch_sampler=[order], collate_fn=list)))
+    assert [int(item[3]) for item in seen] == order
+    _assert_same_batches(DataLoader(view, batch_sampler=[order, [0, 3]]),
+                         DataLoader(data, batch_sampler=[order, [0, 3]]))  # fmt: skip
+
+
 def test_batched_reads_negative_and_rejects_out_of_range_positions() -> None:
     view = batched(_tensors(5, 0))
     x = collate(view.__getitems__([-1, 0]))[0]
