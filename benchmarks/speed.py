@@ -239,11 +239,13 @@ NOTES = [
     "- The `miu ...=...` rows are opt-in settings that change what is computed "
     "(docs/method.md §4): a critic as wide as min(512, max(32, 2d)) (128 here), a warm-up "
     "that stops once the estimate settles, T_o tuned in the first phase only, and the three "
-    "together. Their quality on the benchmark's Colored digits is in "
-    "`benchmarks/RESULTS_speed_quality.md`.",
+    "together. Their quality on the benchmark's Colored digits: "
+    "`benchmarks/RESULTS_speed_quality.md` (`python benchmarks/run.py --methods miu "
+    "miu_critic_feature miu_fast --ratios 0.5 0.9 --no-fashion --no-timing --protocols "
+    "default --out benchmarks/RESULTS_speed_quality.md`), summarised in docs/method.md §4.",
     "- What is left in a default MIU run on these MLPs: the critics. Each retain step runs "
     "T_u forward and backward and T_o forward, each with a 512-wide hidden layer on "
-    "64-wide features (about 9 times the MACs of the MLP's own step), and 140 tuning steps "
+    "64-wide features (7 to 9 times the multiply-adds of the MLP's own step), and 140 tuning steps "
     "(100 warm-up steps whatever the data size: 5 epochs' worth of rows on the 5k task) "
     "each run a critic forward and backward on a batch. Neither can shrink without changing "
     "the estimates.",
