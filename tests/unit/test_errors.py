@@ -123,6 +123,8 @@ ALLOWED = {
     # (module, builtin): why a builtin is right there
     ("evaluation.py", "KeyError"),  # Report.__getitem__: the Mapping protocol
     ("sampling.py", "AttributeError"),  # ResampledView.__getattr__: attribute protocol
+    ("batched.py", "AttributeError"),  # BatchedTensorView.__getattr__: attribute protocol
+    ("batched.py", "IndexError"),  # __getitems__: a position out of range, as __getitem__
     ("__init__.py", "AttributeError"),  # the package's PEP 562 __getattr__
     ("_imports.py", "ImportError"),  # a missing optional dependency
     ("toy_data.py", "FileNotFoundError"),  # Fashion-MNIST files not installed
