@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
 import math
 import types
@@ -337,6 +338,8 @@ def _unknown(cls: type[BaseConfig], name: str, value: Any) -> str:
             f"{message}: per-method settings are fields of the method's config "
             "(e.g. SalUnConfig(salun_ratio=0.3), SCRUBConfig(scrub_temperature=2.0))"
         )
+    # The registry fills as the methods are imported; a message names them all.
+    importlib.import_module("miu_hooks.methods")
     owners = sorted(
         {
             other.__name__
