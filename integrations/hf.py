@@ -58,7 +58,7 @@ from miu_hooks.integrations.hf_data import GroupDictDataset, as_trainer_dataset
 from miu_hooks.integrations.hf_metrics import make_compute_metrics
 from miu_hooks.integrations.hf_prepare import prepare_trainer
 from miu_hooks.integrations.hf_trainer import MIUTrainer, MIUTrainerMixin, make_miu_trainer
-from miu_hooks.taps import infer_feature_dim, resolve_head
+from miu_hooks.taps import infer_feature_dim, resolve_features
 
 __all__ = [
     "GroupDictDataset",
@@ -76,17 +76,20 @@ __all__ = [
 def find_features(
     model: nn.Module, feature_module: str | nn.Module | None = None
 ) -> tuple[str, int | None]:
-    """Return the dotted name of the classification head whose input MIU taps, and its width.
+    """Return the dotted name of the layer whose input MIU taps, and the features' width.
 
-    The head is found as in :func:`miu_hooks.taps.resolve_head`; for Hugging Face
-    image classifiers (ViT, DeiT, Swin, ConvNeXt, ResNet, BEiT, Dinov2, ...) it is
-    ``classifier``, a ``Linear`` or a ``Sequential(Flatten, Linear)`` (ResNet),
-    whose input are the pooled penultimate features. The width is ``None`` when
-    it cannot be read off the head's layers (it is then taken from the first batch).
+    The layer is found as in :func:`miu_hooks.taps.resolve_features`: the linear
+    layer that emits the logits, whose input are the pooled penultimate features.
+    For Hugging Face image classifiers (ViT, DeiT, Swin, ConvNeXt, BEiT, Dinov2)
+    and BERT, DistilBERT, DeBERTa-v2, ALBERT and ModernBERT it is ``classifier``;
+    for ResNet ``classifier.1`` (after the Flatten); for RoBERTa, XLM-RoBERTa and
+    ELECTRA ``classifier.out_proj`` (after pooling, dense and activation). The
+    width is ``None`` when it cannot be read off the layer (it is then taken
+    from the first batch).
 
     Example:
         >>> find_features(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
         ('2', 8)
     """
-    name, head = resolve_head(model, feature_module)
-    return name, infer_feature_dim(head)
+    name, layer = resolve_features(model, feature_module)
+    return name, infer_feature_dim(layer)

@@ -81,7 +81,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
     from miu_hooks.runtime import LocalRuntime, Runtime
     from miu_hooks.sampling import GroupReweightSampler, ResampledView
     from miu_hooks.splits import forget_split, subset
-    from miu_hooks.taps import FeatureTap, resolve_head
+    from miu_hooks.taps import FeatureTap, resolve_features, resolve_head
     from miu_hooks.unlearn import unlearn
     from miu_hooks.validation import validate
 
@@ -150,6 +150,7 @@ __all__ = [
     "log_mean_exp",
     "register_method",
     "reinitialize",
+    "resolve_features",
     "resolve_head",
     "resolve_run",
     "save_weights",
@@ -193,7 +194,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "runtime": ("LocalRuntime", "Runtime"),
     "sampling": ("GroupReweightSampler", "ResampledView"),
     "splits": ("forget_split", "subset"),
-    "taps": ("FeatureTap", "resolve_head"),
+    "taps": ("FeatureTap", "resolve_features", "resolve_head"),
     "unlearn": ("unlearn",),
     "validation": ("validate",),
 }  # fmt: skip

@@ -1,7 +1,11 @@
-"""``FeatureTap``: records the input of a model's classification head.
+"""``FeatureTap``: records the penultimate features, the input of a model's logits layer.
 
-The tap is a native forward pre-hook on the head module, kept as a handle and
-removed on exit; the model is never wrapped and its ``state_dict`` is untouched.
+:func:`resolve_head` finds the classification head; :func:`resolve_features`
+goes down a composite head (dense -> activation -> ``out_proj``, as in RoBERTa-
+style text classifiers) to the linear layer that emits the logits, whose input
+is the penultimate representation (docs/method.md §3.1). The tap is a native
+forward pre-hook on that layer, kept as a handle and removed on exit; the model
+is never wrapped and its ``state_dict`` is untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ __all__ = [
     "FeatureTap",
     "feature_width_error",
     "infer_feature_dim",
+    "logits_layer",
+    "resolve_features",
     "resolve_head",
     "unwrap_model",
 ]
@@ -138,6 +144,78 @@ def resolve_head(
     )
 
 
+def logits_layer(head: nn.Module, num_classes: int | None = None) -> tuple[str, nn.Linear] | None:
+    """The last ``nn.Linear`` inside ``head`` that emits the logits, with its name in ``head``.
+
+    With ``num_classes`` given, only layers with that many outputs qualify;
+    without it, the last linear layer of ``head`` does. ``head`` itself counts
+    (its name is then ``""``).
+
+    Args:
+        head: The classification head (any module).
+        num_classes: Number of logits, or ``None`` when unknown.
+
+    Returns:
+        ``(name_in_head, layer)``, or ``None`` when no linear layer qualifies.
+
+    Example:
+        >>> head = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> logits_layer(head, 3)[0], logits_layer(head, 5)
+        ('2', None)
+    """
+    found = [
+        (n, m)
+        for n, m in head.named_modules()
+        if isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes)
+    ]
+    return found[-1] if found else None
+
+
+def resolve_features(
+    model: nn.Module, module: str | nn.Module | None = None, *, num_classes: int | None = None
+) -> tuple[str, nn.Module]:
+    """Find the layer whose input are the penultimate features of ``model``.
+
+    Without ``module``, this is the head of :func:`resolve_head` when it is a
+    single ``nn.Linear``. A composite head (e.g. RoBERTa's dense -> tanh ->
+    ``out_proj``, fed the whole token sequence, or ResNet's Flatten -> Linear)
+    is replaced by its last linear layer that emits the logits (``num_classes``
+    outputs, else ``model.config.num_labels``, else its last linear layer): the
+    input of that layer is the pooled, transformed representation [B, d]. A
+    composite head without such a layer is kept as it is. ``module`` is an
+    override and is returned as given.
+
+    Args:
+        model: The classifier (wrappers such as DDP are looked through).
+        module: A dotted submodule name or the module itself, tapped as given.
+        num_classes: Number of logits.
+
+    Returns:
+        ``(dotted_name, module)``.
+
+    Raises:
+        FeatureModuleNotFoundError: As :func:`resolve_head`.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.body = nn.Linear(4, 6)
+        ...         self.classifier = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        >>> resolve_features(Net())[0], resolve_features(Net(), "classifier")[0]
+        ('classifier.2', 'classifier')
+    """
+    name, head = resolve_head(model, module, num_classes=num_classes)
+    if module is not None or isinstance(head, nn.Linear):
+        return name, head
+    want = num_classes if num_classes is not None else _num_labels(unwrap_model(model))
+    found = logits_layer(head, want)
+    if found is None:
+        return name, head
+    sub, layer = found
+    return ".".join(part for part in (name, sub) if part), layer
+
+
 def infer_feature_dim(head: nn.Module) -> int | None:
     """Return the input width of ``head`` when it can be read off its layers.
 
@@ -172,11 +250,12 @@ def feature_width_error(name: str, shape: Any, want: int) -> FeatureModuleNotFou
 
 
 class FeatureTap:
-    """Record the input of the classification head on each forward, as fp32 [B, d].
+    """Record the penultimate features on each forward, as fp32 [B, d].
 
-    A forward pre-hook on the head stores its first positional input, cast to
-    fp32 (a differentiable cast) and flattened to ``[B, d]``. Only the last
-    value is kept; :meth:`pop` returns and clears it.
+    A forward pre-hook on the layer :func:`resolve_features` finds (the linear
+    layer that emits the logits, or the ``module`` override) stores its first
+    positional input, cast to fp32 (a differentiable cast) and flattened to
+    ``[B, d]``. Only the last value is kept; :meth:`pop` returns and clears it.
 
     With ``when="train"`` the hook records only while the head is in training
     mode with grad enabled, so evaluation forwards are ignored; use
@@ -185,7 +264,8 @@ class FeatureTap:
 
     Args:
         model: The classifier to tap (not wrapped, not modified).
-        module: Head override: dotted name or module (see :func:`resolve_head`).
+        module: Override: dotted name or module, tapped as given (see
+            :func:`resolve_features`).
         when: ``"always"`` or ``"train"``.
         num_classes: Number of logits, for the last-resort head search.
 
@@ -209,7 +289,7 @@ class FeatureTap:
     ) -> None:
         if when not in ("always", "train"):
             raise ConfigError(f"FeatureTap when={when!r}: choose 'always' or 'train'")
-        self.name, self.module = resolve_head(model, module, num_classes=num_classes)
+        self.name, self.module = resolve_features(model, module, num_classes=num_classes)
         self.when = when
         self.enabled = True
         self._force = 0

@@ -2,8 +2,9 @@
 
 Every model is an ``AutoModelForImageClassification`` built from a tiny config
 (random weights, nothing downloaded), plus a plain ``nn.Module`` whose head is an
-``nn.Sequential``. For each: the tap finds the penultimate features (the head's
-input) with the expected width, and a short ``Trainer`` run with gradient
+``nn.Sequential``. For each: the tap finds the penultimate features (the input of
+the linear layer that emits the logits, equal to what a forward hook on that
+layer sees) with the expected width, and a short ``Trainer`` run with gradient
 accumulation 2 adds the MI term to every training forward, scaled like the
 model's own loss: the callback's reading of whether the model divides its loss
 by ``num_items_in_batch`` is checked against the model itself.
@@ -125,15 +126,26 @@ def divides_by_num_items(model) -> bool:
 
 @pytest.mark.parametrize("family", [*FAMILIES, "sequential_head"])
 def test_features_found_and_trainer_route_works(family, tmp_path):
-    if family == "sequential_head":
-        model, expected_name, width = SequentialHead(), "head", 24
+    if family == "sequential_head":  # the composite head's last Linear emits the logits
+        model, expected_name, width = SequentialHead(), "head.2", 12
     else:
-        model, expected_name, width = build(family), "classifier", FAMILIES[family][3]
+        model, width = build(family), FAMILIES[family][3]
+        expected_name = "classifier.1" if family == "resnet" else "classifier"  # after Flatten
     name, dim = find_features(model)
     assert (name, dim) == (expected_name, width)
-    with FeatureTap(model) as tap:
-        model(pixel_values=torch.randn(3, 3, SIZE, SIZE))
-        assert tap.pop().shape == (3, width)
+    seen = []
+    hook = model.get_submodule(expected_name).register_forward_hook(
+        lambda mod, args, out: seen.append((args[0].detach().clone(), out.detach().clone()))
+    )
+    try:
+        with FeatureTap(model) as tap, torch.no_grad():
+            out = model(pixel_values=torch.randn(3, 3, SIZE, SIZE))
+            z = tap.pop()
+    finally:
+        hook.remove()
+    logits = out["logits"] if isinstance(out, dict) else out.logits
+    assert z.shape == (3, width) and torch.equal(seen[0][1], logits)  # the logits layer
+    assert torch.equal(z, seen[0][0])
 
     model.train()
     clean = snapshot(model)

@@ -3,7 +3,7 @@ import torch
 from model_trace import assert_no_trace, hooks_of, snapshot
 from torch import nn
 
-from miu_hooks import FeatureModuleNotFoundError, FeatureTap, resolve_head
+from miu_hooks import FeatureModuleNotFoundError, FeatureTap, resolve_features, resolve_head
 
 pytestmark = pytest.mark.unit
 
@@ -85,8 +85,56 @@ def test_hf_style_classifier_and_flattening():
     model = HFResNetLike()
     with FeatureTap(model) as tap:
         model(torch.randn(4, 3, 5, 5))
-        assert tap.name == "classifier"
+        assert tap.name == "classifier.1"  # the Linear after the Flatten
+        assert tap.pop().shape == (4, 3)
+    with FeatureTap(model, "classifier") as tap:  # the override is tapped as given
+        model(torch.randn(4, 3, 5, 5))
         assert tap.pop().shape == (4, 3)  # (B, C, 1, 1) flattened
+
+
+class RobertaLikeHead(nn.Module):
+    """dense -> tanh -> out_proj on the first token of the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(5, 5)
+        self.out_proj = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out_proj(torch.tanh(self.dense(x[:, 0])))
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, num_labels=3):
+        super().__init__()
+        self.config = type("Config", (), {"num_labels": num_labels})()
+        self.embed = nn.Linear(4, 5)
+        self.classifier = RobertaLikeHead()
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+def test_composite_head_taps_the_logits_layer_input():
+    model = TextClassifier()
+    x = torch.randn(2, 7, 4)
+    assert resolve_features(model) == ("classifier.out_proj", model.classifier.out_proj)
+    assert resolve_features(model, "classifier")[0] == "classifier"  # override kept
+    with FeatureTap(model) as tap:
+        logits = model(x)
+        z = tap.pop()
+    pooled = torch.tanh(model.classifier.dense(model.embed(x)[:, 0]))  # by hand
+    assert z.shape == (2, 5) and torch.equal(z, pooled)
+    torch.testing.assert_close(model.classifier.out_proj(z), logits)
+
+
+def test_composite_head_picks_the_linear_with_num_labels_outputs():
+    head = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.Linear(2, 6))
+    model = nn.Module()
+    model.classifier = head
+    assert resolve_features(model, num_classes=2)[0] == "classifier.2"
+    assert resolve_features(model)[0] == "classifier.3"  # unknown: the last Linear
+    assert resolve_features(model, num_classes=5)[0] == "classifier"  # none emits 5: the head
 
 
 def test_last_linear_with_num_classes():
