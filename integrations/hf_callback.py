@@ -217,7 +217,11 @@ class MIUCallback(TrainerCallback):
             ConcatDataset([plain, self.forget_dataset]) if plain is not retain else None
         )
         if cache_on is not None:
-            self.handle.cache_features(cache_on, num_workers=args.dataloader_num_workers)
+            self.handle.cache_features(
+                cache_on,
+                num_workers=args.dataloader_num_workers,
+                collate_fn=getattr(loader, "collate_fn", None),  # e.g. padding for text
+            )
         self._loaders = self._make_loaders(
             retain, loader, run_cfg.batch_size, seed, args, indexed=cache_on is not None
         )

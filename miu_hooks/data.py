@@ -348,8 +348,9 @@ class IndexedDataset(Dataset):
 def dataset_groups(dataset: Dataset, group_key: str = "group") -> Tensor:
     """Return the group id of every sample of ``dataset`` as LongTensor[N].
 
-    Uses a ``groups`` attribute, a :class:`TensorDataset`'s third tensor, or
-    :class:`Subset`/:class:`ConcatDataset` structure when available, so images
+    Uses a ``groups`` attribute, a :class:`TensorDataset`'s third tensor, the
+    ``group_key`` column of a column store (a ``datasets.Dataset``), or
+    :class:`Subset`/:class:`ConcatDataset` structure when available, so inputs
     are not loaded just to read groups; otherwise reads every item.
 
     Example:
@@ -361,6 +362,9 @@ def dataset_groups(dataset: Dataset, group_key: str = "group") -> Tensor:
         return torch.as_tensor(dataset.groups).long().reshape(-1)
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 3:
         return dataset.tensors[2].long().reshape(-1)
+    column = _group_column(dataset, group_key)
+    if column is not None:
+        return column
     if isinstance(dataset, Subset):
         return dataset_groups(dataset.dataset, group_key)[torch.as_tensor(dataset.indices)]
     if isinstance(dataset, ConcatDataset):
@@ -387,6 +391,18 @@ def dataset_groups(dataset: Dataset, group_key: str = "group") -> Tensor:
                 f"item {i} is {type(item).__name__}"
             )
     return torch.tensor(groups, dtype=torch.long)
+
+
+def _group_column(dataset: Any, group_key: str) -> Tensor | None:
+    """The ``group_key`` column of a column store (``datasets.Dataset``), else ``None``."""
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or group_key not in columns:
+        return None
+    values = dataset[group_key]  # a list, a tensor or a lazy column, by the dataset's format
+    try:
+        return torch.as_tensor([int(v) for v in values], dtype=torch.long)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"the {group_key!r} column must hold integer group ids ({exc})") from exc
 
 
 def indexed(dataset: Dataset) -> IndexedDataset:

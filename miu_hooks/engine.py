@@ -294,13 +294,16 @@ class MIUHandle(HandleBookkeeping):
         *,
         num_workers: int = 0,
         progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> bool:
         """Cache z_o of every sample of ``train`` (= D) when ``config.feature_cache`` allows.
 
         ``"auto"`` caches when reading an item twice gives the same values (no
         random augmentation); ``"on"`` always; ``"off"`` never. Batches whose
-        ``index`` is a position in ``train`` then read the cache. Returns whether
-        the cache was built.
+        ``index`` is a position in ``train`` then read the cache. ``collate_fn``
+        batches the items as training does (e.g. a Trainer's padding collator for
+        text of varying length; default ``default_collate``). Returns whether the
+        cache was built.
         """
         cfg = self.config
         if cfg.feature_cache == "off" or (
@@ -309,7 +312,9 @@ class MIUHandle(HandleBookkeeping):
             return False
         size = len(train)  # type: ignore[arg-type]
         device = self.runtime.device
-        loader: Iterable[Any] = cache_loader(train, cfg.batch_size, device, num_workers)
+        loader: Iterable[Any] = cache_loader(
+            train, cfg.batch_size, device, num_workers, collate_fn=collate_fn
+        )
         if progress is not None:
             loader = progress(loader, "caching original features")
         self.build_feature_cache(loader, size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -155,6 +155,7 @@ def predict(
     label_key: str | None = None,
     group_key: str = "group",
     num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> Predictions:
     """Run ``model`` over ``data`` in order and return its per-sample :class:`Predictions`.
 
@@ -171,6 +172,8 @@ def predict(
         label_key: Label column of mapping items.
         group_key: Group column of mapping items.
         num_workers: DataLoader worker processes (batches are pinned for CUDA).
+        collate_fn: How to batch items (``None``: ``default_collate``), e.g. a
+            ``DataCollatorWithPadding`` for tokenized text of varying length.
 
     Raises:
         GroupRangeError: A label is outside the logits' classes.
@@ -187,11 +190,18 @@ def predict(
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     keys = {"input_key": input_key, "label_key": label_key, "group_key": group_key}
     with inference(model):
-        return _run(model, name, data, batch_size, device, keys, num_workers)
+        return _run(model, name, data, batch_size, device, keys, num_workers, collate_fn)
 
 
 def _run(
-    model: nn.Module, name: str, data: Dataset, bs: int, dev: Any, keys: Any, workers: int = 0
+    model: nn.Module,
+    name: str,
+    data: Dataset,
+    bs: int,
+    dev: Any,
+    keys: Any,
+    workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> Predictions:
     """Return the :class:`Predictions` of ``model`` on ``data`` (model already in inference).
 
@@ -201,7 +211,8 @@ def _run(
     parts: list[list[Tensor]] = [[], [], [], []]
     in_range: list[Tensor] = []
     num_classes = 0
-    data, options = batched_loader_args(data, loader_options(data, dev, workers))
+    options = {**loader_options(data, dev, workers), "collate_fn": collate_fn}
+    data, options = batched_loader_args(data, options)  # a given collate_fn is kept
     loader = DataLoader(data, batch_size=bs, shuffle=False, **options)
     for raw in loader:
         batch = split_batch(raw, **keys).to(dev)
@@ -235,6 +246,7 @@ def evaluate(
     label_key: str | None = None,
     group_key: str = "group",
     num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> Report:
     """Evaluate ``model`` on the retain, forget and test sets (docs/method.md §5).
 
@@ -258,6 +270,8 @@ def evaluate(
         label_key: Label column of mapping items.
         group_key: Group column of mapping items.
         num_workers: DataLoader worker processes (batches are pinned for CUDA).
+        collate_fn: How to batch items (``None``: ``default_collate``), e.g. a
+            ``DataCollatorWithPadding`` for tokenized text of varying length.
 
     Raises:
         ConfigTypeError: ``reference`` is not a Report or mapping (e.g. a model).
@@ -286,7 +300,8 @@ def evaluate(
     sets.update({} if val is None else {"val": val})
     with inference(model):
         out = {
-            k: _run(model, k, d, batch_size, device, keys, num_workers) for k, d in sets.items()
+            k: _run(model, k, d, batch_size, device, keys, num_workers, collate_fn)
+            for k, d in sets.items()
         }
     if num_groups is None:
         num_groups = max(int(o[2].max()) for o in out.values()) + 1

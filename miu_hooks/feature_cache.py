@@ -121,10 +121,20 @@ def chunked_score_table(
 
 
 def cache_loader(
-    train: Dataset, batch_size: int, device: torch.device, num_workers: int = 0
+    train: Dataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    *,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader[Any]:
-    """The loader that fills the cache: indexed items of ``train`` in order."""
-    data, options = batched_loader_args(
-        indexed(train), loader_options(train, device, num_workers, persistent=False)
-    )
+    """The loader that fills the cache: indexed items of ``train`` in order.
+
+    ``collate_fn`` batches them (``None``: ``default_collate``, or the batched
+    read of tensor-backed data); a padding collator pads each batch to its
+    longest sequence, and the attention mask keeps the features those of the
+    unpadded sequences.
+    """
+    options = loader_options(train, device, num_workers, persistent=False)
+    data, options = batched_loader_args(indexed(train), {**options, "collate_fn": collate_fn})
     return DataLoader(data, batch_size=max(batch_size, 256), shuffle=False, **options)
