@@ -354,7 +354,7 @@ def cli(ctx: click.Context, **opts: Any) -> None:
     model_name = Path(opts["model"]).resolve()
     model_name = model_name.parent if model_name.name == "model.safetensors" else model_name
     out = opts["out"] or f"{model_name.stem}-{method}"
-    from miu_hooks.cli.data_index import Columns
+    from miu_hooks.cli.data_index import Columns, is_text
     from miu_hooks.cli.inputs import prepare, work_dir
     from miu_hooks.cli.report import Console
 
@@ -380,7 +380,8 @@ def cli(ctx: click.Context, **opts: Any) -> None:
         overwrite=opts["overwrite"],
         original=opts["original"],
     )
-    if opts["num_workers"] is None and prep.data.kind != "tensors" and not config.num_workers:
+    images = prep.data.kind != "tensors" and not is_text(prep.data)
+    if opts["num_workers"] is None and images and not config.num_workers:
         config = config.replace(num_workers=image_workers())  # decode images in workers
     _log_request(prep, console.log)
     console.log(f"forgetting {len(prep.plan.forget)} of {len(prep.data)} samples:")

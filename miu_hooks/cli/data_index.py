@@ -7,7 +7,8 @@ Three formats are accepted, told apart by the path:
 * a ``.csv`` manifest with the columns ``path,label,group[,id]``; image paths are
   relative to the manifest's folder;
 * a folder written by ``datasets.Dataset.save_to_disk`` (the optional
-  ``datasets`` package), columns ``image`` (or ``img``/``pixel_values``/``inputs``),
+  ``datasets`` package), columns ``image`` (or ``img``/``pixel_values``/``inputs``)
+  or ``input_ids`` (tokenized text, with ``attention_mask`` when present),
   ``label`` (or ``labels``), ``group`` (or ``groups``) and optionally ``id`` (or
   ``ids``). A ``DatasetDict`` folder gives one split: ``PATH:split``, else the
   caller's default (``train`` for the data, ``test``, ``validation``), else its
@@ -33,7 +34,7 @@ import numpy as np
 from miu_hooks.cli.errors import InputNotFoundError, MissingDependencyError
 from miu_hooks.errors import DataError
 
-__all__ = ["Columns", "DataIndex", "read_data_index"]
+__all__ = ["Columns", "DataIndex", "is_text", "read_data_index"]
 
 Kind = Literal["tensors", "manifest", "datasets"]
 _DEFAULTS: dict[str, dict[str, str]] = {
@@ -44,7 +45,7 @@ _DEFAULTS: dict[str, dict[str, str]] = {
 _IMAGE_COLUMNS = ("image", "img", "pixel_values", "inputs")
 # Other names a datasets folder's column may have when its key is not given.
 _DATASETS_ALTERNATIVES = {
-    "input": _IMAGE_COLUMNS,
+    "input": (*_IMAGE_COLUMNS, "input_ids"),  # input_ids: tokenized text (cli/text.py)
     "label": ("label", "labels"),
     "group": ("group", "groups"),
     "id": ("id", "ids"),
@@ -124,6 +125,21 @@ def split_suffix(path: str | Path) -> tuple[Path, str | None]:
     if not p.exists() and sep and tail and "/" not in tail and Path(head).expanduser().is_dir():
         return Path(head).expanduser(), tail
     return p, None
+
+
+def is_text(index: DataIndex) -> bool:
+    """Whether ``index`` is a ``datasets`` folder whose input column holds token-id sequences.
+
+    Example:
+        >>> index = DataIndex(Path("d"), "datasets", {"input": "input_ids"}, np.zeros(1),
+        ...                   np.zeros(1), handle=[{"input_ids": [2, 7, 3]}])
+        >>> is_text(index)
+        True
+    """
+    if index.kind != "datasets" or index.handle is None or len(index) == 0:
+        return False
+    first = np.asarray(index.handle[0][index.keys["input"]])
+    return first.ndim == 1 and first.size > 0 and np.issubdtype(first.dtype, np.integer)
 
 
 def read_data_index(

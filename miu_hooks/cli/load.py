@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from miu_hooks.cli.checks import row_name
-from miu_hooks.cli.data_index import DataIndex
+from miu_hooks.cli.data_index import DataIndex, is_text
 from miu_hooks.cli.errors import ArchitectureError, MissingDependencyError
 from miu_hooks.cli.inputs import ModelSource
+from miu_hooks.cli.text import TokenDataset
 from miu_hooks.data import GroupTensorDataset
 from miu_hooks.data_checks import nonfinite_position
 from miu_hooks.errors import CheckpointError, DataError, NonFiniteInputError
@@ -267,8 +268,13 @@ class ImageDataset(Dataset):
         return inputs, self.labels[i], self.groups[i]
 
 
-def load_dataset(index: DataIndex, *, side: int = 224, mode: str = "RGB") -> Dataset:
+def load_dataset(
+    index: DataIndex, *, side: int = 224, mode: str = "RGB", pad_id: int = 0
+) -> Dataset:
     """Return the data set of ``index`` (tensors in memory, images decoded lazily).
+
+    A ``datasets`` folder of token ids gives a :class:`~miu_hooks.cli.text.TokenDataset`
+    padded with ``pad_id``.
 
     Raises:
         DataError: The inputs cannot be read.
@@ -291,6 +297,8 @@ def load_dataset(index: DataIndex, *, side: int = 224, mode: str = "RGB") -> Dat
                 "count from 0): fix or drop that sample"
             )
         return data
+    if is_text(index):
+        return TokenDataset(index, pad_id)
     if importlib.util.find_spec("PIL") is None:
         raise MissingDependencyError(f"{index.path} holds images: pip install 'miu-hooks[image]'")
     return ImageDataset(index, side, mode)

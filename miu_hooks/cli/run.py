@@ -42,6 +42,7 @@ from miu_hooks.cli.inputs import Prepared, sha256_file, work_dir
 from miu_hooks.cli.load import image_settings, load_dataset, load_model
 from miu_hooks.cli.preflight import preflight
 from miu_hooks.cli.report import Console, dump_json, plot_groups, render_markdown
+from miu_hooks.cli.text import pad_token_id
 from miu_hooks.config import TrainConfig
 from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import CheckpointError, CollapseWarning
@@ -271,9 +272,11 @@ def _execute(
     original = load_model(request.original, seed=config.seed) if request.continued else None
     refs = {name: load_model(src, seed=config.seed) for name, src in prep.references.items()}
     side, mode = image_settings(prep.model, image_size)
-    data = load_dataset(prep.data, side=side, mode=mode)
+    pad = pad_token_id(prep.model)  # tokenized text is padded with the model's pad id
+    data = load_dataset(prep.data, side=side, mode=mode, pad_id=pad)
     test, val = (
-        load_dataset(i, side=side, mode=mode) if i else None for i in (prep.test, prep.val)
+        load_dataset(i, side=side, mode=mode, pad_id=pad) if i else None
+        for i in (prep.test, prep.val)
     )
     retain, forget = _take(data, plan.retain), _take(data, plan.forget)
     device = resolve_device(config.device)
