@@ -1,4 +1,4 @@
-"""``miu-unlearn`` on tokenized text: a ``datasets`` folder of token ids and a ``save_pretrained`` model.
+"""``miu-unlearn`` on tokenized text: a ``datasets`` folder of token ids and an HF model folder.
 
 The data folder holds ``input_ids``, ``attention_mask``, ``label``, ``group`` and
 ``id`` of sentences of varying length; the model is a tiny RoBERTa (composite

@@ -122,9 +122,7 @@ def test_original_tap_width_and_cache_use_the_same_layer(family, models):
             p.add_(0.01 * torch.randn_like(p))
     data = tokenized(10, seed=5)
     collate = DataCollatorWithPadding(tokenizer())
-    handle = attach(
-        model, MIUConfig(mine_hidden=8, batch_size=4), num_groups=4, original=original
-    )
+    handle = attach(model, MIUConfig(mine_hidden=8, batch_size=4), num_groups=4, original=original)
     try:
         expected = FAMILIES[family][2]
         assert handle.tap.name == handle.tap_original.name == expected

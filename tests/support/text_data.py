@@ -28,15 +28,20 @@ COMMON = dict(
     num_labels=2,
     pad_token_id=0,
 )
+DISTILBERT = dict(
+    vocab_size=len(WORDS),
+    dim=32,
+    n_layers=2,
+    n_heads=2,
+    hidden_dim=64,
+    max_position_embeddings=MAX_LEN,
+    num_labels=2,
+    pad_token_id=0,
+)
 FAMILIES: dict[str, tuple[str, dict, str]] = {
     # name: (config class, kwargs, name of the layer whose input are the features)
     "bert": ("BertConfig", COMMON, "classifier"),
-    "distilbert": (
-        "DistilBertConfig",
-        dict(vocab_size=len(WORDS), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-             max_position_embeddings=MAX_LEN, num_labels=2, pad_token_id=0),
-        "classifier",
-    ),  # fmt: skip
+    "distilbert": ("DistilBertConfig", DISTILBERT, "classifier"),
     "roberta": ("RobertaConfig", COMMON, "classifier.out_proj"),
     "xlm_roberta": ("XLMRobertaConfig", COMMON, "classifier.out_proj"),
     "electra": ("ElectraConfig", {**COMMON, "embedding_size": 16}, "classifier.out_proj"),
