@@ -26,7 +26,7 @@ representation (a RoBERTa or ELECTRA model would be tapped at
 
 Run::
 
-    python examples/hf_trainer_text.py            # full run
+    python examples/hf_trainer_text.py            # full run (about 30 s on 2 cores)
     python examples/hf_trainer_text.py --quick    # shortened (used by the test suite)
 
 ``MIU_EXAMPLE_QUICK=1`` in the environment has the same effect as ``--quick``.
