@@ -109,8 +109,9 @@ def timing_sections(rows: list[dict[str, Any]], overhead: dict[str, Any], s: Set
     """The timing part of RESULTS.md, or a note that it was not rerun."""
     if not overhead:
         return ["## Timing", "",
-                "Not rerun in this run (`--no-timing`): see the timing sections of the last "
-                "run that measured them.", ""]  # fmt: skip
+                "Not measured in this run (`--no-timing`; `python benchmarks/run.py` without it "
+                "measures them). Whole-run timings of the current code: "
+                "`benchmarks/RESULTS_speed.md`.", ""]  # fmt: skip
     tgt = timing_targets(rows, overhead)
     ov_rows = []
     for key, label in OVERHEAD_MODELS:
