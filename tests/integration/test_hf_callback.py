@@ -30,18 +30,10 @@ from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 from miu_hooks.metrics import accuracy, per_group_accuracy
 from miu_hooks.splits import forget_split, subset
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 FORGET_GROUP = 2
 LAMBDA = 10.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and deterministic
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vit(seed: int = 0) -> ViT:

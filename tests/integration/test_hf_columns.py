@@ -15,15 +15,7 @@ from miu_hooks.data import GroupTensorDataset
 from miu_hooks.errors import DataError
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 CFG = MIUConfig(forget_epochs=1, mine_hidden=8, mine_warmup_iters=2, mine_iters=1)

@@ -22,15 +22,7 @@ from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset, make_comp
 from miu_hooks.metrics import equalized_odds, forget_group_accuracy, per_group_accuracy
 from miu_hooks.original import copy_frozen
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 def sets():

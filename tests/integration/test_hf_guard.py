@@ -15,17 +15,9 @@ from miu_hooks.data import GroupTensorDataset
 from miu_hooks.guard import holdout_indices
 from miu_hooks.integrations.hf import MIUTrainer, as_trainer_dataset, prepare_trainer
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 CFG = MIUConfig(forget_epochs=1, mine_hidden=8, mine_warmup_iters=2, mine_iters=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _vit() -> ViT:

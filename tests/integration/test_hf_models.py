@@ -26,7 +26,7 @@ from miu_hooks.data import GroupTensorDataset
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset, find_features
 from miu_hooks.taps import FeatureTap
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SIZE = 16
 VIT_LIKE = dict(
@@ -69,14 +69,6 @@ FAMILIES = {
         16,
     ),  # head = Sequential(Flatten, Linear)
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(family):

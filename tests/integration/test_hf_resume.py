@@ -36,15 +36,7 @@ from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 from miu_hooks.integrations.hf_state import META_FILE, STATE_FILE
 from miu_hooks.splits import forget_split, subset
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,9 @@ from miu_hooks.errors import FeatureModuleNotFoundError
 from miu_hooks.integrations.hf import find_features
 from miu_hooks.taps import FeatureTap
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 AVAILABLE = [f for f in FAMILIES if hasattr(tf, FAMILIES[f][0])]  # ModernBERT is recent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

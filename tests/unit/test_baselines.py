@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -34,16 +34,7 @@ from miu_hooks.methods.salun import SalUn, saliency_mask, top_fraction_mask
 from miu_hooks.methods.scrub import SCRUB, distill_kl
 from miu_hooks.seeding import epoch_generator
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and do not spin on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 BASELINES = ("finetune", "neggrad", "random_labels", "l1_sparse", "salun", "scrub", "retrain")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -18,15 +18,7 @@ from miu_hooks.guard import MIN_HOLDOUT, holdout_indices
 from miu_hooks.methods.finetune import FineTune
 from miu_hooks.methods.miu import MIU
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _problem(n: int, seed: int) -> TensorDataset:
