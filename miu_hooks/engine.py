@@ -450,7 +450,7 @@ class MIUHandle(HandleBookkeeping):
         tol: float | None = None,
         original: bool = True,
     ) -> int:
-        """Run ``steps`` critic-tuning steps (features under ``no_grad``; METHOD §3.3 step 1).
+        """Run ``steps`` critic-tuning steps, features under ``no_grad`` (docs/method.md §3.3).
 
         Args:
             batches: Batches of D.
@@ -717,7 +717,7 @@ class MIUHandle(HandleBookkeeping):
         return ce + scale * term
 
     def forget_pass(self, loader: Iterable[Any], optimizer: torch.optim.Optimizer) -> None:
-        """One pass over the forget loader minimising Î_u (METHOD §3.3 step 2)."""
+        """One pass over the forget loader minimising Î_u (docs/method.md §3.3 step 2)."""
         rt, cfg = self.runtime, self.config
         self.forward_model.train()
         for raw in loader:

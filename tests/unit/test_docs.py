@@ -18,7 +18,9 @@ CITATION = re.compile(r"method\.md §(\d+)(?:\.(\d+))?", re.IGNORECASE)
 INTEGRATIONS_CITATION = re.compile(r"integrations\.md §(\d+)(?:\.(\d+))?", re.IGNORECASE)
 HEADING = re.compile(r"^#{2,3} (\d+)(?:\.(\d+))?\.? ", re.MULTILINE)
 # Documents of the project's making that are not in the repository.
-NOT_SHIPPED = re.compile(r"\b(?:METHOD|INTEGRATION|STYLE|DEPENDENCIES)\.md\b|shared/docs")
+NOT_SHIPPED = re.compile(
+    r"\b(?:METHOD|INTEGRATION|STYLE|DEPENDENCIES)(?:\.md\b| §)|shared/docs"
+)
 
 
 def _files() -> list[Path]:
