@@ -23,7 +23,7 @@ engine synchronise (not exercised by the test suite).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ from miu_hooks.integrations.loaders import (  # noqa: E402
     batch_sampler_chain,
     check_last_batch,
     index_sampler,
+    user_collate,
 )
 
 __all__ = ["AccelerateRuntime", "MIUAccelerate", "prepare_miu", "reweighted_loader"]
@@ -206,6 +207,7 @@ def prepare_miu(
     register_for_checkpointing: bool = True,
     check_batch_sizes: bool | None = None,
     val: Dataset | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> MIUAccelerate:
     """Attach MIU to an Accelerate loop; call after ``accelerator.prepare``.
 
@@ -215,7 +217,9 @@ def prepare_miu(
     here (once, on every process) when the data is deterministic and
     ``config.feature_cache`` allows. The forget and tuning loaders are iterated
     by :meth:`MIUAccelerate.epoch_start` and are prepared here when they are not
-    already. The critics
+    already. The loaders built here (critic tuning, feature cache, the guard's
+    slice) batch with ``collate_fn``, by default the one the retain loader was
+    built with (e.g. ``DataCollatorWithPadding`` for text of varying length). The critics
     are not wrapped in DDP: they see the same global batch on every rank, so
     their gradients are identical by construction. With
     ``register_for_checkpointing`` the returned object is saved and restored
@@ -241,6 +245,8 @@ def prepare_miu(
         val: Held-out data for the collapse guard (:meth:`MIUAccelerate.epoch_end`);
             ``None`` reads the slice of the retain set that :func:`reweighted_loader`
             held out of its draw. With neither, the run is unguarded (a warning).
+        collate_fn: Batches the items of the loaders built here (default: the retain
+            loader's own ``collate_fn``, unless it is ``default_collate``).
 
     Returns:
         The :class:`MIUAccelerate` whose methods the loop calls.
@@ -290,6 +296,7 @@ def prepare_miu(
             runtime.precision,
         )
     cfg = cfg.replace(precision=runtime.precision, device=str(runtime.device))
+    collate = collate_fn if collate_fn is not None else user_collate(retain_loader)
     nproc = runtime.world_size
     if nproc > 1 and not _is_prepared(retain_loader):
         raise ConfigError(
@@ -335,6 +342,7 @@ def prepare_miu(
             batch_size=_per_process_batch_size(retain_loader, nproc, cfg.batch_size),
             sampler=ShuffleSampler(len(train), seed=cfg.seed + 2),
             drop_last=nproc > 1,
+            collate_fn=collate,
             **loader_options(train, runtime.device, cfg.num_workers),
         )
     if not _is_prepared(tune_loader):
@@ -356,7 +364,7 @@ def prepare_miu(
         forward_model=model if runtime.forward_through_prepared else unwrapped,
     )
     if cache_on is not None:
-        handle.cache_features(cache_on, num_workers=cfg.num_workers)
+        handle.cache_features(cache_on, num_workers=cfg.num_workers, collate_fn=collate)
     elif cfg.feature_cache == "on":
         handle.remove()
         raise ConfigError(
@@ -374,7 +382,7 @@ def prepare_miu(
         EndingLoader(tune_loader),
     )
     plain_retain = retain_ds.dataset if isinstance(retain_ds, IndexedDataset) else retain_ds
-    miu.guard = guard_for(cfg, sampler, plain_retain, val)
+    miu.guard = guard_for(cfg, sampler, plain_retain, val, collate_fn=collate)
     if miu.guard is not None:
         miu.guard.start(handle.model)
     if register_for_checkpointing:

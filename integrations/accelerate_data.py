@@ -9,6 +9,7 @@ attaches (docs/method.md §10).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,7 +69,8 @@ def reweighted_loader(
             :func:`prepare_miu`); then no retain sample is held out.
         index: Add each sample's position to its item (enables the feature cache).
         **loader_kwargs: Other ``DataLoader`` arguments (``drop_last``, ``num_workers``,
-            ``pin_memory``...).
+            ``pin_memory``, ``collate_fn``...); :func:`prepare_miu` batches the loaders it
+            builds with the same ``collate_fn`` (e.g. ``DataCollatorWithPadding``).
 
     Returns:
         A ``DataLoader`` whose ``set_epoch`` redraws the sample.
@@ -101,9 +103,17 @@ def reweighted_loader(
 
 
 def guard_for(
-    cfg: MIUConfig, sampler: Any, retain: Any, val: Dataset | None
+    cfg: MIUConfig,
+    sampler: Any,
+    retain: Any,
+    val: Dataset | None,
+    *,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> CollapseGuard | None:
-    """The guard on ``val``, or on the retain positions the sampler never draws."""
+    """The guard on ``val``, or on the retain positions the sampler never draws.
+
+    ``collate_fn`` batches the slice's items (``None``: ``default_collate``).
+    """
     if not cfg.guard:
         return None
     excluded = getattr(sampler, "excluded", None)
@@ -114,9 +124,11 @@ def guard_for(
         )
         return None
     if val is not None:
-        guard, _ = build_guard(retain, torch.zeros(0, dtype=torch.long), val, cfg)
+        guard, _ = build_guard(
+            retain, torch.zeros(0, dtype=torch.long), val, cfg, collate_fn=collate_fn
+        )
         return guard
     keys = {"input_key": cfg.input_key, "label_key": cfg.label_key, "group_key": cfg.group_key}
     assert excluded is not None
     return CollapseGuard(Subset(retain, excluded.tolist()), threshold=cfg.guard_threshold,
-                         source="retain", keys=keys)  # fmt: skip
+                         source="retain", keys=keys, collate_fn=collate_fn)  # fmt: skip

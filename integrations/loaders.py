@@ -5,6 +5,8 @@
   draws the indices, and swap it. This is the one walker both integrations use:
   ``prepare_miu`` checks that the retain loader samples with REWEIGHT, and the
   Trainer callback puts the REWEIGHT sampler into the Trainer's loader.
+* :func:`user_collate` reads the collate function of the user's loader, which
+  the loaders the library builds beside it reuse (padding for text).
 * :class:`EndingLoader` lets ``prepare_miu``'s critic tuning stop in the middle
   of a prepared loader without leaving it registered with Accelerate.
 * :class:`RankBatchSampler` and :class:`EpochLoader` are the loaders of the
@@ -25,13 +27,14 @@ chain starts at ``loader.sampler`` instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler, default_collate
 
+from miu_hooks import batched
 from miu_hooks.data_checks import batch_of_one_problem, one_sample_inputs
 from miu_hooks.errors import ConfigError, ModelError
 from miu_hooks.sampling import TrainBatchSampler
@@ -45,9 +48,30 @@ __all__ = [
     "batch_sampler_chain",
     "index_sampler",
     "replace_index_sampler",
+    "user_collate",
 ]
 
 _MAX_DEPTH = 8  # a guard against cyclic references; real chains have at most 3 levels
+
+
+def user_collate(loader: Any) -> Callable[[list[Any]], Any] | None:
+    """The collate function the user gave ``loader``; ``None`` for the defaults.
+
+    A ``DataLoader`` built without one has ``default_collate`` (or, from
+    :class:`~miu_hooks.methods.base.SeededLoader` on tensor data, the batched
+    reader's); the library's loaders then choose their own. Accelerate keeps the
+    function when it prepares a loader.
+
+    Example:
+        >>> user_collate(DataLoader(range(4))) is None
+        True
+        >>> user_collate(DataLoader(range(4), collate_fn=list)) is list
+        True
+    """
+    fn = getattr(loader, "collate_fn", None)
+    if not callable(fn) or fn is default_collate or fn is batched.collate:
+        return None
+    return fn
 
 
 def batch_sampler_chain(loader: Any) -> list[Any]:
