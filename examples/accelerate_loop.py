@@ -139,6 +139,7 @@ def main() -> None:
         print(f"test accuracy after:  {after}", flush=True)
         print(f"ranks agree: {accelerator.num_processes} process(es), max |diff| = {spread}")
     miu.remove()
+    accelerator.wait_for_everyone()  # no rank tears the process group down under another
     accelerator.end_training()
 
 
