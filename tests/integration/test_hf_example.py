@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from example_run import run_quick
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer_vit.py"
-
 
 def test_hf_trainer_example_quick(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIU_EXAMPLE_QUICK": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--out", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {}
-    for line in proc.stdout.splitlines():
-        m = re.match(r"^(original|plain fine-tune|MIU)\s+((?:-?\d+\.\d\s*)+)$", line)
-        if m:
-            rows[m.group(1)] = [float(v) for v in m.group(2).split()]
-    assert set(rows) == {"original", "plain fine-tune", "MIU"}, proc.stdout
+    rows, proc = run_quick("hf_trainer_vit.py", tmp_path)
     # columns: g0 g1 g2 g3 test GA FA
-    assert all(len(v) == 7 for v in rows.values())
     assert rows["MIU"][5] > rows["plain fine-tune"][5] + 20  # GA: group 2 keeps its accuracy
     assert rows["MIU"][4] > rows["original"][4] - 10  # test accuracy: no collapse
     assert "miu/calibration" not in proc.stderr  # the log summary goes to stdout
