@@ -43,6 +43,7 @@ Optimizer = Literal["sgd", "adamw"]
 FeatureCache = Literal["auto", "on", "off"]
 CriticWidth = Literal["fixed", "feature"]
 TuneOriginal = Literal["every_epoch", "warmup"]
+TuneFeatures = Literal["reuse", "fresh"]
 Clip = Literal["norm", "adaptive"]
 ForgetObjective = Literal["floor", "smile", "dv"]
 
@@ -190,6 +191,13 @@ class MIUConfig(TrainConfig):
         "(None: always mine_warmup_iters steps; one host read per 10 steps).",
         low=0,
         low_open=True,
+    )
+    tune_features: TuneFeatures = setting(
+        "reuse",
+        "Model features in a critic-tuning phase: reuse (a row of D drawn again in the same "
+        "phase keeps the features of its first draw once a check shows that a forward gives "
+        "them again, to round-off; not so under BatchNorm in train mode or dropout; "
+        "single-process runs with the feature cache) or fresh (a forward every step).",
     )
     tune_original: TuneOriginal = setting(
         "every_epoch",

@@ -39,6 +39,7 @@ from miu_hooks.functional import (
 )
 from miu_hooks.handle_state import HandleBookkeeping
 from miu_hooks.original import copy_frozen, load_original
+from miu_hooks.phase_features import PhaseFeatures
 from miu_hooks.precision import autocast_dtype
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
 from miu_hooks.taps import FeatureTap, feature_width_error, infer_feature_dim, unwrap_model
@@ -206,6 +207,7 @@ class MIUHandle(HandleBookkeeping):
         self.epoch = 0
         self.counters = {"tune": 0, "forget": 0, "retain": 0}
         self.tied_steps = 0  # tuning steps computed once for both critics
+        self.reused_steps = 0  # tuning steps whose z_u were a row's features of its phase
         self._tune_estimate: Tensor | None = None  # (Î_u + Î_o)/2 of the last tuning step
         self.warmup_steps: int | None = None  # steps the first tuning phase ran
         self.batch: Batch | None = None  # the batch being processed (blamed for NaN inputs)
@@ -470,6 +472,7 @@ class MIUHandle(HandleBookkeeping):
         self.model.train()
         saved = self._critic_snapshot()
         tied = original and self._critics_identical()
+        memo = self._phase_features(steps)
         done = 0
         windows: list[float] = []
         window_sum: Tensor | None = None
@@ -478,7 +481,9 @@ class MIUHandle(HandleBookkeeping):
                 self._reduce_max()
             ) as checks:
                 while done < steps:
-                    tied = self._tune_step(self.split(next(batches)), tied=tied, original=original)
+                    tied = self._tune_step(
+                        self.split(next(batches)), tied=tied, original=original, memo=memo
+                    )
                     done += 1
                     if tol is None:
                         continue
@@ -492,6 +497,8 @@ class MIUHandle(HandleBookkeeping):
                             break
                 if tied:
                     self._copy_critic()
+                if memo is not None:
+                    self.reused_steps += memo.reused
                 # One host read for the whole phase; a failure puts the critics back.
                 self._flush(checks, restore=saved)
             if tol is not None:
@@ -504,6 +511,23 @@ class MIUHandle(HandleBookkeeping):
                 self.critic_model.requires_grad_(False)
                 self.critic_original.requires_grad_(False)
         return done
+
+    def _phase_features(self, steps: int) -> PhaseFeatures | None:
+        """A store of z_u per row of D for one tuning phase, when reusing them is allowed.
+
+        ``MIUConfig.tune_features="reuse"`` (the default) on a single-process run whose
+        data are cached (the feature cache exists: reading an item twice gives the same
+        values); batches must carry their positions in D. A phase of ``steps`` batches
+        then runs at most one model forward per batch of distinct rows.
+        """
+        if (
+            self.config.tune_features != "reuse"
+            or steps < 2
+            or self.feature_cache is None
+            or self.runtime.world_size != 1
+        ):
+            return None
+        return PhaseFeatures(int(self.feature_cache.shape[0]))
 
     def _critics_identical(self) -> bool:
         """Whether T_u and T_o, their EMA and their optimisers are in the same state, exactly.
@@ -558,7 +582,14 @@ class MIUHandle(HandleBookkeeping):
                 }
         self._original_scores = None
 
-    def _tune_step(self, batch: Batch, *, tied: bool = False, original: bool = True) -> bool:
+    def _tune_step(
+        self,
+        batch: Batch,
+        *,
+        tied: bool = False,
+        original: bool = True,
+        memo: PhaseFeatures | None = None,
+    ) -> bool:
         """One critic-tuning step; returns whether the critics are still tied.
 
         ``tied``: T_o is T_u's exact copy, with only T_u updated since
@@ -566,10 +597,16 @@ class MIUHandle(HandleBookkeeping):
         T_u's, bit for bit: T_u alone is stepped and T_o stays a lazy copy
         (:meth:`_copy_critic`) until the features differ or the phase ends.
         ``original=False`` tunes T_u alone (``MIUConfig.tune_original="warmup"``).
+        ``memo``: this phase's features of the rows seen so far (:meth:`_phase_features`);
+        a batch whose rows were all seen needs no model forward.
         """
-        with torch.no_grad(), self.runtime.autocast(), self.tap.capturing():
-            forward_logits(self.model, batch.inputs)
-        z_u = self.tap.pop().detach()
+        z_u = memo.lookup(batch) if memo is not None else None
+        if z_u is None:
+            with torch.no_grad(), self.runtime.autocast(), self.tap.capturing():
+                forward_logits(self.model, batch.inputs)
+            z_u = self.tap.pop().detach()
+            if memo is not None:
+                memo.store(batch, z_u)
         if not original:
             z_o = None
         elif self.config.tune_original_on == "original":

@@ -78,7 +78,7 @@ def test_loop_and_miu_settings_are_apart():
         "forget_epochs", "forget_objective", "smile_tau", "mi_weight", "mine_lr", "mine_hidden",
         "mine_warmup_iters", "mine_iters", "ema", "calibrate", "clip", "feature_cache",
         "original_precision", "original_mode", "tune_original_on", "restore_batchnorm",
-        "critic_init", "critic_width", "mine_warmup_tol", "tune_original",
+        "critic_init", "critic_width", "mine_warmup_tol", "tune_features", "tune_original",
     }  # fmt: skip
     assert MIUConfig(epochs=3, mi_weight=10.0).epochs == 3  # flat, as before
 
@@ -140,7 +140,7 @@ def test_per_method_settings_are_checked(cls, field, bad):
 
 def test_config_fields_lists_type_default_choices_and_help():
     fields = {f.name: f for f in config_fields(MIUConfig)}
-    assert len(fields) == 41
+    assert len(fields) == 42
     f = fields["max_grad_norm"]
     assert (f.type, f.optional, f.default, f.choices) == (float, True, 1.0, None)
     assert f.constraint == "> 0" and f.owner == "TrainConfig" and "clip" in f.help.lower()

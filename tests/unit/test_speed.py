@@ -5,7 +5,10 @@
 * T_o's scores of cached features from a T_o forward instead of the score table:
   equal to float round-off;
 * a tuning step computed once while T_o is T_u's exact copy and z_o equals z_u:
-  bit-equal critics and weights.
+  bit-equal critics and weights;
+* a row's features reused within a tuning phase (``tune_features="reuse"``): the
+  critics and weights of fresh forwards on a model whose features do not depend on
+  the batch, to float round-off.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import miu_hooks.batched as batched_mod
 from miu_hooks import MIUConfig, TrainConfig, attach, unlearn
 from miu_hooks.batched import BatchedIndexedDataset, BatchedTensorView, batched, collate
 from miu_hooks.data import GroupTensorDataset, IndexedDataset, dataset_groups, indexed
-from miu_hooks.engine import MIUHandle
+from miu_hooks.engine import MIUHandle, _cycle
 from miu_hooks.methods.base import SeededLoader, ShuffleSampler
 
 pytestmark = pytest.mark.unit
@@ -241,6 +244,7 @@ def test_opt_in_settings_are_validated() -> None:
     from miu_hooks import ConfigError
 
     for bad in ({"critic_width": "wide"}, {"tune_original": "never"}, {"mine_warmup_tol": 0.0},
+                {"tune_features": "stale"},
                 {"mine_warmup_tol": -1.0}):  # fmt: skip
         with pytest.raises(ConfigError):
             MIUConfig(**bad)
@@ -305,3 +309,123 @@ def test_tune_original_warmup_leaves_the_original_critic_after_the_first_phase()
     assert states == {"every_epoch": False, "warmup": True}
     _, retain, forget = toy_split()  # a whole run with the setting
     unlearn(toy_net(), retain, forget, config=CFG.replace(tune_original="warmup"), num_groups=4)
+
+
+# -- features reused within a tuning phase (MIUConfig.tune_features) ----------------------
+
+
+def test_phase_features_answer_only_batches_whose_rows_were_all_seen() -> None:
+    from miu_hooks.data import Batch
+    from miu_hooks.phase_features import PhaseFeatures
+
+    def batch(*rows: int) -> Batch:
+        n = len(rows)
+        return Batch(torch.zeros(n, 2), torch.zeros(n), torch.zeros(n), torch.tensor(rows))
+
+    memo = PhaseFeatures(size=5)
+    assert memo.lookup(batch(0, 1)) is None  # nothing stored yet
+    memo.store(batch(0, 1), torch.tensor([[10.0], [11.0]]))
+    memo.store(batch(4), torch.tensor([[14.0]]))
+    assert memo.lookup(batch(1, 4, 0)) is None and memo.verified is None  # not checked yet
+    memo.store(batch(4, 0), torch.tensor([[14.0], [10.0 + 1e-7]]))  # the check: round-off
+    assert memo.verified is True
+    assert memo.lookup(batch(1, 4, 0)).reshape(-1).tolist() == [11.0, 14.0, 10.0]
+    assert memo.lookup(batch(1, 2)) is None  # row 2 was never stored
+    assert memo.lookup(batch(1, 5)) is None  # not a position of D: a forward, no error
+    no_index = Batch(torch.zeros(1, 2), torch.zeros(1), torch.zeros(1))
+    assert memo.lookup(no_index) is None
+    memo.store(no_index, torch.tensor([[1.0]]))  # ignored
+    assert memo.reused == 1
+    other = PhaseFeatures(size=5)
+    other.store(batch(0, 1), torch.tensor([[10.0], [11.0]]))
+    other.store(batch(1), torch.tensor([[11.5]]))  # another value for a row seen: no reuse
+    assert other.verified is False and other.table is None
+    assert other.lookup(batch(0, 1)) is None
+    other.store(batch(2), torch.tensor([[12.0]]))  # nothing is kept any more
+    assert other.table is None
+
+
+class _Forwards:
+    """Counts the model's forwards while tuning (a forward hook, removed by ``close``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.n = 0
+        self.handle = model.register_forward_hook(self._count)
+
+    def _count(self, *_: object) -> None:
+        self.n += 1
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def _warmup(features: str, bn: bool = False, cache: bool = True,
+            steps: int = 20) -> tuple[MIUHandle, int, torch.nn.Module]:  # fmt: skip
+    full, _, _ = toy_split()  # 96 rows: 6 batches of 16 per pass
+    net = toy_net(bn)
+    handle = attach(net, CFG.replace(tune_features=features), num_groups=4)
+    if cache:
+        handle.build_feature_cache(DataLoader(IndexedDataset(full), batch_size=16), len(full))
+    loader = SeededLoader(indexed(full), sampler=ShuffleSampler(len(full), seed=5),
+                          batch_size=16)  # fmt: skip
+    count = _Forwards(net)
+    try:
+        done = handle.tune(_cycle(loader, 0), steps)  # each pass over D reshuffled
+    finally:
+        count.close()
+    assert done == steps
+    return handle, count.n, net
+
+
+def test_reused_features_give_the_fresh_critics_and_skip_the_forwards() -> None:
+    """MLP without BatchNorm: a row's features are the same on every draw, so reusing
+    them leaves the critics as fresh forwards make them, with 7 forwards instead of 20
+    (one pass of 6 batches, then the first batch drawn again, computed as the check)."""
+    fresh, n_fresh, _ = _warmup("fresh")
+    reuse, n_reuse, _ = _warmup("reuse")
+    assert (n_fresh, n_reuse) == (20, 7)
+    assert (fresh.reused_steps, reuse.reused_steps) == (0, 13)
+    assert reuse.tied_steps == fresh.tied_steps == 20  # z_u still equals the cached z_o
+    for name in ("critic_model", "critic_original"):
+        a, b = getattr(fresh, name).state_dict(), getattr(reuse, name).state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{name}.{k}")
+    fresh.remove()
+    reuse.remove()
+
+
+def test_nothing_is_reused_without_the_cache_or_when_the_batch_changes_a_row() -> None:
+    """Without the cache (the data may be augmented) every step runs a forward. With
+    BatchNorm in train mode a row's features depend on its batch: the check fails, every
+    step runs a forward, and the critics are those of fresh features, bit for bit."""
+    handle, n, _ = _warmup("reuse", cache=False)
+    assert (n, handle.reused_steps) == (20, 0)
+    handle.remove()
+    fresh, n_fresh, _ = _warmup("fresh", bn=True)
+    reuse, n_reuse, net = _warmup("reuse", bn=True)
+    assert (n_fresh, n_reuse, reuse.reused_steps) == (20, 20, 0)
+    for name in ("critic_model", "critic_original"):
+        a, b = getattr(fresh, name).state_dict(), getattr(reuse, name).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    before = toy_net(bn=True).state_dict()
+    for k, v in net.state_dict().items():  # BatchNorm statistics restored after tuning
+        assert torch.equal(v, before[k]), k
+    fresh.remove()
+    reuse.remove()
+
+
+def test_a_single_step_phase_keeps_no_table() -> None:
+    handle, n, _ = _warmup("reuse", steps=1)
+    assert (n, handle.reused_steps) == (1, 0)
+    assert handle._phase_features(1) is None and handle._phase_features(2) is not None
+    handle.remove()
+
+
+def test_whole_run_with_reused_features_matches_fresh_features() -> None:
+    _, retain, forget = toy_split()
+    cfg = CFG.replace(seed=3, mine_warmup_iters=20)  # 20 steps of 16 on 96 rows: reuse
+    out = [unlearn(toy_net(), retain, forget, config=cfg.replace(tune_features=f),
+                   num_groups=4).state_dict() for f in ("fresh", "reuse")]  # fmt: skip
+    for k in out[0]:
+        torch.testing.assert_close(out[0][k], out[1][k], rtol=0, atol=1e-5, msg=k)
