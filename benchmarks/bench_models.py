@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from miu_hooks import TrainConfig
+from miu_hooks.data import forward_logits
 from miu_hooks.functional import checked_cross_entropy
 from miu_hooks.unlearn import build_optimizer, build_scheduler
 
@@ -118,7 +119,7 @@ def train_original(model: nn.Module, data: Any, cfg: TrainConfig) -> nn.Module:
     for _ in range(cfg.epochs):
         for x, y, _g in loader:
             opt.zero_grad(set_to_none=True)
-            checked_cross_entropy(model(x), y).backward()
+            checked_cross_entropy(forward_logits(model, x), y).backward()
             opt.step()
         sched.step()
     return model
