@@ -173,6 +173,14 @@ class MIUConfig(TrainConfig):
     mine_lr: float = setting(
         0.01, "Learning rate of the two critics (SGD, momentum 0.9).", low=0, low_open=True
     )
+    mine_max_grad_norm: float | None = setting(
+        10.0,
+        "Clip each critic's gradient norm at every tuning step (None: never, the paper's). "
+        "MINE's corrected gradient divides by a slow moving average, so one large score "
+        "makes a step that can diverge; a bound well above the typical norm stops that.",
+        low=0,
+        low_open=True,
+    )
     mine_hidden: int = setting(512, "Hidden width of the critics' statistics networks.", low=1)
     mine_warmup_iters: int = setting(
         100, "Critic-tuning steps at the start of the first epoch, N_0.", low=0

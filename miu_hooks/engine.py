@@ -628,6 +628,7 @@ class MIUHandle(HandleBookkeeping):
                                   local=False)  # fmt: skip
             self.opt_critic_model.zero_grad(set_to_none=True)
             (-mi_u).backward()  # the gradient -(I_u + I_o) sends to T_u
+            self._clip_critic(crit_u)
             self.opt_critic_model.step()
             self.counters["tune"] += 1
             self._log("miu/tune_mi_model", mi_u)
@@ -649,6 +650,8 @@ class MIUHandle(HandleBookkeeping):
         self.opt_critic_model.zero_grad(set_to_none=True)
         self.opt_critic_original.zero_grad(set_to_none=True)
         loss.backward()
+        self._clip_critic(crit_u)
+        self._clip_critic(crit_o)
         self.opt_critic_model.step()
         self.opt_critic_original.step()
         self._original_scores = None  # T_o changed
@@ -657,6 +660,15 @@ class MIUHandle(HandleBookkeeping):
         self._log("miu/tune_mi_original", mi_o)
         self._tune_estimate = 0.5 * (mi_u.detach() + mi_o.detach())
         return False
+
+    def _clip_critic(self, critic: MIEstimator) -> None:
+        """Clip one critic's gradient norm at ``config.mine_max_grad_norm`` (no host read).
+
+        Each critic is clipped on its own norm, so tuning tied critics once stays exact.
+        """
+        max_norm = self.config.mine_max_grad_norm
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm)
 
     def forget_loss(self, z_model: Tensor, groups: Tensor) -> Tensor:
         """L_f on a forget batch (critic fixed): Î_u floored at zero by default.

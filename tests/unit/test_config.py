@@ -75,7 +75,8 @@ def test_loop_and_miu_settings_are_apart():
     assert {"epochs", "lr", "batch_size", "seed", "reweight", "group_key", "num_sensitive",
             "guard", "guard_threshold", "guard_samples"} <= loop  # fmt: skip
     assert miu == {
-        "forget_epochs", "forget_objective", "smile_tau", "mi_weight", "mine_lr", "mine_hidden",
+        "forget_epochs", "forget_objective", "smile_tau", "mi_weight", "mine_lr",
+        "mine_max_grad_norm", "mine_hidden",
         "mine_warmup_iters", "mine_iters", "ema", "calibrate", "clip", "feature_cache",
         "original_precision", "original_mode", "tune_original_on", "restore_batchnorm",
         "critic_init", "critic_width", "mine_warmup_tol", "tune_features", "tune_original",
@@ -140,7 +141,7 @@ def test_per_method_settings_are_checked(cls, field, bad):
 
 def test_config_fields_lists_type_default_choices_and_help():
     fields = {f.name: f for f in config_fields(MIUConfig)}
-    assert len(fields) == 42
+    assert len(fields) == 43
     f = fields["max_grad_norm"]
     assert (f.type, f.optional, f.default, f.choices) == (float, True, 1.0, None)
     assert f.constraint == "> 0" and f.owner == "TrainConfig" and "clip" in f.help.lower()

@@ -429,3 +429,46 @@ def test_whole_run_with_reused_features_matches_fresh_features() -> None:
                    num_groups=4).state_dict() for f in ("fresh", "reuse")]  # fmt: skip
     for k in out[0]:
         torch.testing.assert_close(out[0][k], out[1][k], rtol=0, atol=1e-5, msg=k)
+
+
+# -- critic gradients clipped while tuning (MIUConfig.mine_max_grad_norm) ------------------
+
+
+def _one_step_update(max_norm: float | None, tie: bool, monkeypatch) -> list[float]:
+    """Norm of each critic's change after one tuning step on features scaled by 1e3."""
+    monkeypatch.setattr(MIUHandle, "tie_critics", tie)
+    full, _, _ = toy_split()
+    cfg = CFG.replace(mine_max_grad_norm=max_norm, mine_lr=0.01, tune_original_on="unlearned")
+    net = toy_net()
+    with torch.no_grad():
+        net[0].weight.mul_(1e3)  # huge features: huge critic gradients
+    with attach(net, cfg, num_groups=4) as handle:
+        loader = DataLoader(IndexedDataset(full), batch_size=32)
+        handle.tune(iter(list(loader)), 1)  # builds the critics on the first batch
+        before = [torch.cat([p.detach().reshape(-1).clone() for p in c.parameters()])
+                  for c in (handle.critic_model, handle.critic_original)]  # fmt: skip
+        handle.tune(iter(list(loader)), 1)
+        after = [torch.cat([p.detach().reshape(-1) for p in c.parameters()])
+                 for c in (handle.critic_model, handle.critic_original)]  # fmt: skip
+    return [float((a - b).norm()) for a, b in zip(after, before, strict=True)]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_tuning_step_moves_each_critic_at_most_lr_times_the_bound(tie: bool,
+                                                                    monkeypatch) -> None:  # fmt: skip
+    """SGD with momentum: the second step's change is lr·(g₂ + 0.9·g₁), each g clipped to
+    the bound, so at most 0.01·1.9·10 = 0.19 per critic; unclipped it is far larger."""
+    clipped = _one_step_update(10.0, tie, monkeypatch)
+    free = _one_step_update(None, tie, monkeypatch)
+    assert all(0 < d <= 0.01 * 1.9 * 10.0 + 1e-6 for d in clipped), clipped
+    assert all(d > 10 * 0.19 for d in free), free
+
+
+def test_clipping_is_validated_and_on_by_default() -> None:
+    from miu_hooks import ConfigError
+
+    assert MIUConfig().mine_max_grad_norm == 10.0
+    assert MIUConfig(mine_max_grad_norm=None).mine_max_grad_norm is None
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigError):
+            MIUConfig(mine_max_grad_norm=bad)
