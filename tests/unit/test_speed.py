@@ -454,8 +454,7 @@ def _one_step_update(max_norm: float | None, tie: bool, monkeypatch) -> list[flo
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_a_tuning_step_moves_each_critic_at_most_lr_times_the_bound(tie: bool,
-                                                                    monkeypatch) -> None:  # fmt: skip
+def test_a_tuning_step_moves_each_critic_at_most_lr_times_the_bound(tie, monkeypatch) -> None:
     """SGD with momentum: the second step's change is lr·(g₂ + 0.9·g₁), each g clipped to
     the bound, so at most 0.01·1.9·10 = 0.19 per critic; unclipped it is far larger."""
     clipped = _one_step_update(10.0, tie, monkeypatch)
