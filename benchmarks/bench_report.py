@@ -210,6 +210,7 @@ def render(raw: dict[str, Any], s: Settings) -> str:
         f"{meta['device']}; torch {meta['versions']['torch']}"
         + (f"; load average at the end {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}" if load
            else "") + ").",
+        *([f"Rerun since: {meta['rerun']}", ""] if meta.get("rerun") else []),
         "Mean ± std over seeds; every metric ×100 (docs/method.md §5). Gap/ToW score every row "
         "against the **same** references of its seed, measured in the same run: "
         "Retrain+REWEIGHT (headline) and plain Retrain. The tuned tables lead; the default "
