@@ -17,12 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
-import json
 import math
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +26,12 @@ from typing import Any
 
 import torch
 from bench_models import convnet, mlp, resnet18
+from bench_record import rerender, run_meta, write_record
 from bench_settings import Settings
 from speed_backbones import image_task, tiny_vit
 from torch import nn
 
 from miu_hooks import MIUConfig, unlearn
-from miu_hooks.atomic import atomic_write_text
 from miu_hooks.engine import MIUHandle
 from miu_hooks.errors import NonFiniteLossError
 
@@ -169,7 +165,7 @@ def main() -> None:
     args = p.parse_args()
     json_path = args.out.with_suffix(".json")
     if args.from_json is not None:
-        atomic_write_text(args.out, render(json.loads(args.from_json.read_text())))
+        rerender(args.out, args.from_json, render)
         return
     torch.set_num_threads(1)
     s, seeds = Settings(), args.seeds
@@ -179,15 +175,8 @@ def main() -> None:
         seeds = seeds[:2]
     start = time.perf_counter()
     result = measure(seeds, s)
-    meta = {"command": " ".join(["python", "benchmarks/critic_clip.py", *sys.argv[1:]]),
-            "date": datetime.date.today().isoformat(), "wall_s": time.perf_counter() - start,
-            "machine": platform.machine(), "torch": torch.__version__,
-            "json": json_path.name}  # fmt: skip
-    raw = {"meta": meta, "result": result}
-    atomic_write_text(json_path, json.dumps(raw, separators=(",", ":")))
-    text = render(raw)
-    atomic_write_text(args.out, text)
-    print(text)
+    meta = run_meta("critic_clip.py", start, json_path)
+    write_record(args.out, json_path, {"meta": meta, "result": result}, render)
 
 
 if __name__ == "__main__":

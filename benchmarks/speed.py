@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_record import rerender, run_meta, write_record
 from torch import Tensor, nn
 
 import miu_hooks
 from miu_hooks import MIUConfig, TrainConfig, unlearn
-from miu_hooks.atomic import atomic_write_text
 from miu_hooks.data import GroupTensorDataset
 
 HERE = Path(__file__).resolve().parent
@@ -316,7 +314,7 @@ def main() -> None:
         child(args.child, args.child_rep)
         return
     if args.from_json is not None:
-        atomic_write_text(args.out, render(json.loads(args.from_json.read_text())))
+        rerender(args.out, args.from_json, render)
         return
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -324,15 +322,8 @@ def main() -> None:
     json_path = args.json or args.out.with_suffix(".json")
     label = args.before_label or (f"the code under `{args.before_python}`"
                                   if args.before_python else None)  # fmt: skip
-    meta = {"command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
-            "date": datetime.date.today().isoformat(), "wall_s": time.perf_counter() - start,
-            "reps": args.reps, "machine": platform.machine(), "torch": torch.__version__,
-            "before_label": label, "json": json_path.name}  # fmt: skip
-    raw = {"meta": meta, "result": result}
-    atomic_write_text(json_path, json.dumps(raw, separators=(",", ":")))
-    text = render(raw)
-    atomic_write_text(args.out, text)
-    print(text)
+    meta = run_meta("speed.py", start, json_path, reps=args.reps, before_label=label)
+    write_record(args.out, json_path, {"meta": meta, "result": result}, render)
 
 
 if __name__ == "__main__":

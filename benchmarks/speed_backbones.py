@@ -23,11 +23,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime
-import json
-import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -36,13 +32,13 @@ from typing import Any
 
 import torch
 from bench_models import convnet, mlp, resnet18, train_original
+from bench_record import rerender, run_meta, write_record
 from bench_settings import Settings, default_config, load_data, train_config
 from bench_timing import PhaseTimer, step_overhead
 from speed import make_task, quality
 from torch import nn
 
 from miu_hooks import RetrainConfig, TrainConfig, unlearn
-from miu_hooks.atomic import atomic_write_text
 from miu_hooks.data import forward_logits
 from miu_hooks.engine import MIUHandle
 from miu_hooks.errors import NonFiniteLossError
@@ -373,7 +369,7 @@ def main() -> None:
     args = p.parse_args()
     json_path = args.out.with_suffix(".json")
     if args.from_json is not None:
-        atomic_write_text(args.out, render(json.loads(args.from_json.read_text())))
+        rerender(args.out, args.from_json, render)
         return
     torch.set_num_threads(1)
     s = Settings()
@@ -395,15 +391,8 @@ def main() -> None:
     start = time.perf_counter()
     whole = whole_runs(tasks(s, args.quick), reps)
     steps = step_table(s)
-    meta = {"command": " ".join(["python", "benchmarks/speed_backbones.py", *sys.argv[1:]]),
-            "date": datetime.date.today().isoformat(), "wall_s": time.perf_counter() - start,
-            "reps": reps, "machine": platform.machine(), "torch": torch.__version__,
-            "json": json_path.name}  # fmt: skip
-    raw = {"meta": meta, "whole": whole, "steps": steps}
-    atomic_write_text(json_path, json.dumps(raw, separators=(",", ":")))
-    text = render(raw)
-    atomic_write_text(args.out, text)
-    print(text)
+    meta = run_meta("speed_backbones.py", start, json_path, reps=reps)
+    write_record(args.out, json_path, {"meta": meta, "whole": whole, "steps": steps}, render)
 
 
 if __name__ == "__main__":
