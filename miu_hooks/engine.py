@@ -527,7 +527,7 @@ class MIUHandle(HandleBookkeeping):
             or self.runtime.world_size != 1
         ):
             return None
-        return PhaseFeatures(int(self.feature_cache.shape[0]))
+        return PhaseFeatures(int(self.feature_cache.shape[0]), steps)
 
     def _critics_identical(self) -> bool:
         """Whether T_u and T_o, their EMA and their optimisers are in the same state, exactly.

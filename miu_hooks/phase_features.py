@@ -36,6 +36,8 @@ class PhaseFeatures:
 
     Args:
         size: |D|, the number of positions.
+        steps: The phase's batches; when ``steps`` times the first batch's rows cannot
+            exceed ``size``, no row can be drawn twice and no table is kept.
         rtol: Relative tolerance of the check (float round-off of a row computed
             in another batch).
         atol: Absolute tolerance of the check.
@@ -51,12 +53,15 @@ class PhaseFeatures:
         (True, [1.0, 3.0])
     """
 
-    def __init__(self, size: int, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    def __init__(
+        self, size: int, steps: int | None = None, rtol: float = 1e-4, atol: float = 1e-5
+    ) -> None:
         self.size = int(size)
+        self.steps = steps
         self.rtol, self.atol = float(rtol), float(atol)
         self.table: Tensor | None = None
         self.seen = np.zeros(self.size, dtype=bool)
-        #: None until a batch drawn again was compared; False: features differ, no reuse.
+        #: None until a batch drawn again was compared; False: no reuse in this phase.
         self.verified: bool | None = None
         self.reused = 0  # batches answered from the table
 
@@ -95,6 +100,9 @@ class PhaseFeatures:
         if z.dim() != 2 or z.shape[0] != host.size:
             return
         if self.table is None:
+            if self.steps is not None and self.steps * host.size <= self.size:
+                self.verified = False  # no row can come back in this phase: keep nothing
+                return
             self.table = z.new_empty(self.size, int(z.shape[1]))
         elif self.table.shape[1] != z.shape[1] or self.table.dtype != z.dtype:
             return

@@ -343,6 +343,9 @@ def test_phase_features_answer_only_batches_whose_rows_were_all_seen() -> None:
     assert other.lookup(batch(0, 1)) is None
     other.store(batch(2), torch.tensor([[12.0]]))  # nothing is kept any more
     assert other.table is None
+    short = PhaseFeatures(size=5, steps=2)  # 2 batches of 2 rows: no row can come back
+    short.store(batch(0, 1), torch.tensor([[10.0], [11.0]]))
+    assert short.table is None and short.lookup(batch(0, 1)) is None
 
 
 class _Forwards:
