@@ -112,6 +112,11 @@ def main() -> None:
             args.out,
         )
     callback.remove()
+    if dist.is_available() and dist.is_initialized():
+        # The Trainer leaves the gloo group alive; torn down at interpreter exit instead,
+        # its worker threads can abort the process (SIGABRT) after a run that succeeded.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

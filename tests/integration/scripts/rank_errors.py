@@ -87,6 +87,8 @@ def main() -> None:
         lines.append(f"RANK_ERROR {case} {rank} {outcome}")
     lines.append("RANK_ERRORS_DONE")
     (Path(sys.argv[1]) / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the gloo group before interpreter exit
 
 
 if __name__ == "__main__":
