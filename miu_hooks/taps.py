@@ -24,6 +24,7 @@ from miu_hooks.errors import (
     FeatureModuleNotFoundError,
     StateError,
 )
+from miu_hooks.token_pool import LastTokenPool, pools_after_logits
 
 __all__ = [
     "FeatureTap",
@@ -257,6 +258,11 @@ class FeatureTap:
     positional input, cast to fp32 (a differentiable cast) and flattened to
     ``[B, d]``. Only the last value is kept; :meth:`pop` returns and clears it.
 
+    Decoder text classifiers (GPT-2, Llama, ...: a ``*ForSequenceClassification`` whose
+    ``score`` layer is applied to every token before the logits are pooled) are tapped at
+    ``score`` and pooled the way they pool their logits: each row's last non-padding token
+    (:class:`~miu_hooks.token_pool.LastTokenPool`), so the features are [B, d] there too.
+
     With ``when="train"`` the hook records only while the head is in training
     mode with grad enabled, so evaluation forwards are ignored; use
     :meth:`capturing` to record anyway (e.g. ``no_grad`` critic tuning). With
@@ -290,6 +296,8 @@ class FeatureTap:
         if when not in ("always", "train"):
             raise ConfigError(f"FeatureTap when={when!r}: choose 'always' or 'train'")
         self.name, self.module = resolve_features(model, module, num_classes=num_classes)
+        inner = unwrap_model(model)
+        self._pool = LastTokenPool(inner) if pools_after_logits(inner, self.module) else None
         self.when = when
         self.enabled = True
         self._force = 0
@@ -307,8 +315,13 @@ class FeatureTap:
                 f"feature module {self.name!r} was called without a tensor as first input; "
                 "tap the classification head (feature_module=...)"
             )
-        z = args[0]
+        z = args[0] if self._pool is None else self._pool(args[0])
         self._value = z.float().reshape(z.shape[0], -1)
+
+    @property
+    def pooling(self) -> str | None:
+        """``"last_token"`` on a decoder classifier's per-token ``score`` layer, else ``None``."""
+        return None if self._pool is None else "last_token"
 
     @property
     def active(self) -> bool:
@@ -354,6 +367,8 @@ class FeatureTap:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._pool is not None:
+            self._pool.remove()
         self._value = None
 
     def __enter__(self) -> FeatureTap:

@@ -54,6 +54,30 @@ FAMILIES: dict[str, tuple[str, dict, str]] = {
     ),
 }
 
+# Decoder classifiers apply ``score`` to every token and pool the logits at the last
+# non-padding token; their features are ``score``'s input at that token.
+DECODERS: dict[str, tuple[str, dict]] = {
+    "gpt2": (
+        "GPT2Config",
+        {
+            "vocab_size": len(WORDS),
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_inner": 64,
+            "n_positions": MAX_LEN,
+            "num_labels": 2,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+        },
+    ),
+    "llama": (
+        "LlamaConfig",
+        {**COMMON, "num_key_value_heads": 2, "bos_token_id": 2, "eos_token_id": 3},
+    ),
+}
+
 
 def tokenizer():
     """A word-level fast tokenizer over :data:`WORDS` (``[CLS] ... [SEP]``, pad id 0)."""
@@ -107,6 +131,6 @@ def build(family: str, seed: int = 0):
     """A tiny randomly initialised ``AutoModelForSequenceClassification`` of ``family``."""
     import transformers as tf
 
-    cls, kw, _ = FAMILIES[family]
+    cls, kw = DECODERS[family] if family in DECODERS else FAMILIES[family][:2]
     torch.manual_seed(seed)
     return tf.AutoModelForSequenceClassification.from_config(getattr(tf, cls)(**kw))
