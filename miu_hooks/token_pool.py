@@ -64,8 +64,8 @@ class LastTokenPool:
 
     A forward pre-hook on the classifier (``with_kwargs=True``) keeps a reference to the
     ``input_ids`` of the forward in progress; :meth:`__call__` turns a [B, T, d] tensor
-    into [B, d] at the positions the model pools its logits at. The hook is a handle,
-    removed by :meth:`remove`.
+    into [B, d] at the positions the model pools its logits at, and drops the ids (one
+    use per forward). The hook is a handle, removed by :meth:`remove`.
 
     Args:
         model: The unwrapped decoder classifier (see :func:`pools_after_logits`).
@@ -113,7 +113,9 @@ class LastTokenPool:
         if z.dim() != 3:
             return z
         rows = torch.arange(z.shape[0], device=z.device)
-        return z[rows, self.positions(z.shape[0], z.shape[1], z.device)]
+        positions = self.positions(z.shape[0], z.shape[1], z.device)
+        self._input_ids = None  # used once: a later call without a forward takes the last token
+        return z[rows, positions]
 
     def remove(self) -> None:
         """Remove the hook and drop the recorded ids; safe to call more than once."""

@@ -53,6 +53,7 @@ def test_positions_are_the_last_non_pad_tokens():
     assert pool.positions(4, 4, torch.device("cpu")).tolist() == LAST
     hidden = torch.randn(4, 4, 5)
     assert torch.equal(pool(hidden), hidden[torch.arange(4), torch.tensor(LAST)])
+    assert torch.equal(pool(hidden), hidden[:, -1])  # the ids were used: no forward, last token
     assert torch.equal(pool(hidden[:, 0]), hidden[:, 0])  # a [B, d] tensor passes unchanged
     pool.remove()
     pool.remove()  # idempotent
