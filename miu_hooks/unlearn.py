@@ -92,6 +92,7 @@ def _loaders(
     num_groups: int,
     cfg: TrainConfig,
     device: torch.device,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[SeededLoader, SeededLoader, SeededLoader]:
     if cfg.reweight:
         retain_sampler: Any = GroupReweightSampler(
@@ -101,6 +102,8 @@ def _loaders(
         retain_sampler = ShuffleSampler(len(retain_groups), seed=cfg.seed)
     bs = cfg.batch_size
     options = loader_options(retain, device, cfg.num_workers)  # pinned for CUDA, workers
+    if collate_fn is not None:  # else tensor-backed data are read a batch at a time
+        options["collate_fn"] = collate_fn
     n_forget, n_train = len(forget), len(train)  # type: ignore[arg-type]
     return (
         SeededLoader(indexed(retain), sampler=retain_sampler, batch_size=bs, **options),
@@ -191,6 +194,7 @@ def unlearn(
     on_guard: GuardCallback | None = None,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
     runtime: Runtime | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> nn.Module:
     """Unlearn ``forget`` from ``model`` in place and return the same model object.
 
@@ -253,6 +257,11 @@ def unlearn(
             when a guarded run ends (also when the guard fired).
         progress: Wraps iterables with a progress bar, ``fn(iterable, desc)``.
         runtime: Execution runtime (default: device and precision of the config).
+        collate_fn: How every loader of the run batches items (training, critic
+            tuning, the feature cache, the guard, the checks): e.g.
+            ``DataCollatorWithPadding(tokenizer)`` for tokenized text of varying
+            length (mapping items; their ``"__index__"`` key must pass through).
+            ``None``: ``default_collate``.
 
     Returns:
         ``model``, unlearned.
@@ -290,6 +299,7 @@ def unlearn(
         method=method,
         num_groups=num_groups,
         feature_module=feature_module,
+        collate_fn=collate_fn,
     )
     raise_first(check.problems)
     assert check.run is not None  # no problem means the run resolved
@@ -308,8 +318,9 @@ def unlearn(
     # holds a slice of D_r out of training.
     full_train_groups, forget_groups = train_groups, train_groups[retain_groups.numel() :]
     guard, held = build_guard(
-        retain, retain_groups, val, cfg, final_only=method_cls.starts_fresh(cfg)
-    )
+        retain, retain_groups, val, cfg, final_only=method_cls.starts_fresh(cfg),
+        collate_fn=collate_fn,
+    )  # fmt: skip
     if held.numel():  # the guard's slice of D_r is kept out of training
         keep = torch.ones(retain_groups.numel(), dtype=torch.bool)
         keep[held] = False
@@ -327,8 +338,9 @@ def unlearn(
     with torch.random.fork_rng(devices=fork_devices), tf32_matmul(rt.device):
         torch.manual_seed(cfg.seed)
         retain_loader, forget_loader, tune_loader = _loaders(
-            retain, forget, train, retain_groups, full_train_groups, num_groups, cfg, rt.device
-        )
+            retain, forget, train, retain_groups, full_train_groups, num_groups, cfg, rt.device,
+            collate_fn,
+        )  # fmt: skip
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
         ctx = RunContext(
@@ -349,6 +361,7 @@ def unlearn(
             if frozen is not None
             else (lambda: resolve_original(model, original).to(rt.device)),
             progress=progress or (lambda it, _desc: it),
+            collate_fn=collate_fn,
         )
         runner = method_cls()
         runner.setup(ctx)

@@ -12,6 +12,7 @@ problem, with the others appended to its message.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -136,6 +137,17 @@ class RunCheck:
     num_groups: int
 
 
+def _collated_id_list(value: Any) -> bool:
+    # default_collate turns one item's list of ints into a list of int tensors of shape [1].
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(
+            isinstance(v, Tensor) and v.shape == (1,) and not v.is_floating_point() for v in value
+        )
+    )
+
+
 def _one_forward(
     model: nn.Module,
     retain: Dataset,
@@ -143,14 +155,24 @@ def _one_forward(
     *,
     taps: bool,
     feature_module: str | nn.Module | None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[list[MIUError], int | None]:
     """Evaluate ``model`` on ``retain[0]`` (eval mode, no grad); return problems and classes."""
     param = next(model.parameters(), None)
     inputs = one_sample_inputs(retain, split_keys(cfg), param.device if param is not None else
-                               torch.device("cpu"))  # fmt: skip
+                               torch.device("cpu"), collate_fn)  # fmt: skip
     if isinstance(inputs, Tensor) and inputs.is_floating_point():
         if not bool(torch.isfinite(inputs).all()):
             return [NonFiniteInputError("retain set: sample 0's inputs hold NaN or Inf")], None
+    values = inputs.values() if isinstance(inputs, Mapping) else [inputs]
+    if collate_fn is None and any(_collated_id_list(v) for v in values):
+        return [
+            DataError(
+                "retain set: sample 0's inputs are Python lists after default_collate (token "
+                "ids of varying length?): pass collate_fn= to batch them, e.g. transformers' "
+                "DataCollatorWithPadding(tokenizer)"
+            )
+        ], None
     tap = FeatureTap(model, feature_module, when="always") if taps else None
     modes = {m: m.training for m in model.modules()}
     try:
@@ -192,7 +214,11 @@ def _one_forward(
 
 
 def _batch_of_one(
-    model: nn.Module, retain: Dataset, forget: Dataset, cfg: TrainConfig
+    model: nn.Module,
+    retain: Dataset,
+    forget: Dataset,
+    cfg: TrainConfig,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> list[MIUError]:
     """A model that cannot train on one sample, in a run that would feed it one."""
     sizes = {"retain": len(retain), "forget": len(forget)}  # type: ignore[arg-type]
@@ -202,7 +228,8 @@ def _batch_of_one(
         return []
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    why = batch_of_one_problem(model, one_sample_inputs(retain, split_keys(cfg), device))
+    inputs = one_sample_inputs(retain, split_keys(cfg), device, collate_fn)
+    why = batch_of_one_problem(model, inputs)
     if why is None:
         return []
     cause = f"the {single[0]} set has one sample" if single else "batch size 1 gives batches of one"
@@ -224,6 +251,7 @@ def check_run(
     method: str | None = None,
     num_groups: int | None = None,
     feature_module: str | nn.Module | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> RunCheck:
     """Run every check of :func:`validate` and keep what they computed."""
     problems: list[MIUError] = []
@@ -268,11 +296,12 @@ def check_run(
             try:
                 taps = run is not None and run.method_class.needs_features
                 found, classes = _one_forward(
-                    model, retain, cfg, taps=taps, feature_module=feature_module
-                )
+                    model, retain, cfg, taps=taps, feature_module=feature_module,
+                    collate_fn=collate_fn,
+                )  # fmt: skip
                 problems.extend(found)
                 if not found:
-                    problems.extend(_batch_of_one(model, retain, forget, cfg))
+                    problems.extend(_batch_of_one(model, retain, forget, cfg, collate_fn))
             except MIUError as exc:
                 problems.append(exc)
             except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
@@ -306,6 +335,7 @@ def validate(
     method: str | None = None,
     num_groups: int | None = None,
     feature_module: str | nn.Module | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> list[MIUError]:
     """Return every problem :func:`~miu_hooks.unlearn` would meet, without doing any work.
 
@@ -327,6 +357,8 @@ def validate(
         method: The method name (``None``: from the config's class, else ``"miu"``).
         num_groups: |G| (default: max group id + 1).
         feature_module: Head override for the feature tap.
+        collate_fn: How to batch the data sets' items, as ``unlearn``'s (``None``:
+            ``default_collate``).
 
     Returns:
         A list of :class:`~miu_hooks.errors.MIUError` instances, empty when the run can start.
@@ -349,6 +381,7 @@ def validate(
         method=method,
         num_groups=num_groups,
         feature_module=feature_module,
+        collate_fn=collate_fn,
     ).problems
 
 

@@ -10,6 +10,9 @@ the original model's evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -70,6 +73,7 @@ def preflight(
     num_groups: int,
     feature_module: str | None,
     evals: dict[str, tuple[Dataset, DataIndex]],
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> None:
     """Raise the first problem of the run (others named in its message), then check ``evals``.
 
@@ -82,6 +86,7 @@ def preflight(
         num_groups: |G|.
         feature_module: Head override for the tap.
         evals: ``{"--test": (data, index), ...}`` of the evaluation sets given.
+        collate_fn: How the run batches items (text: :class:`~miu_hooks.cli.text.TrimPadding`).
     """
     check = check_run(
         model,
@@ -91,6 +96,7 @@ def preflight(
         method=method,
         num_groups=num_groups,
         feature_module=feature_module,
+        collate_fn=collate_fn,
     )
     raise_first(check.problems)
     for what, (data, index) in evals.items():

@@ -97,6 +97,7 @@ def evaluate_model(
     forget_groups: tuple[int, ...] | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """Return the metrics of ``model`` as a JSON-ready dict.
 
@@ -117,11 +118,13 @@ def evaluate_model(
             forget_groups=forget_groups,
             batch_size=batch_size,
             num_workers=num_workers,
+            collate_fn=collate_fn,
         )
         return rep.to_dict()
-    bs, nw = batch_size, num_workers
-    r_pred, r_lab, r_grp, _ = predict(model, retain, name="retain", batch_size=bs, num_workers=nw)
-    f_pred, f_lab, _, _ = predict(model, forget, name="forget", batch_size=bs, num_workers=nw)
+    opts: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers,
+                            "collate_fn": collate_fn}  # fmt: skip
+    r_pred, r_lab, r_grp, _ = predict(model, retain, name="retain", **opts)
+    f_pred, f_lab, _, _ = predict(model, forget, name="forget", **opts)
     per_group = per_group_accuracy(r_pred, r_lab, r_grp, num_groups)
     return {
         "RA": accuracy(r_pred, r_lab),
@@ -279,6 +282,7 @@ def _execute(
         for i in (prep.test, prep.val)
     )
     retain, forget = _take(data, plan.retain), _take(data, plan.forget)
+    collate = getattr(data, "collate", None)  # text: each batch padded to its longest
     device = resolve_device(config.device)
 
     def measure(net: nn.Module) -> Callable[[], dict[str, Any]]:
@@ -292,12 +296,13 @@ def _execute(
             num_sensitive=num_sensitive,
             forget_groups=prep.forget_groups,
             num_workers=config.num_workers,
+            collate_fn=collate,
         )
 
     evals = {k: (d, i) for k, d, i in (("--test", test, prep.test), ("--val", val, prep.val))
              if d is not None and i is not None}  # fmt: skip
     preflight(model, retain, forget, config, method=method, num_groups=plan.num_groups,
-              feature_module=feature_module, evals=evals)  # fmt: skip
+              feature_module=feature_module, evals=evals, collate_fn=collate)  # fmt: skip
     _open_work(work, fingerprint, resume, console)
     done = False
     try:
@@ -331,6 +336,7 @@ def _execute(
                 on_epoch_end=lambda epoch, _logs: show(epoch + 1),  # right after --resume
                 on_guard=guard.append,
                 progress=console.progress,
+                collate_fn=collate,
             )
         if guard and guard[0].fired:
             console.log(f"warning: {guard[0].message}")

@@ -185,6 +185,8 @@ class RunContext:
         feature_module: Head override for feature taps.
         original_factory: Builds the frozen original model on first use.
         progress: Wraps an iterable with a progress bar (identity when quiet).
+        collate_fn: How the run's loaders batch items (``None``: ``default_collate``);
+            loaders a method builds itself use it too.
         epoch: The epoch being run.
         logs: Values the method logged this epoch.
         steps: Optimizer steps finished so far, per phase (named in error messages).
@@ -206,6 +208,7 @@ class RunContext:
     feature_module: str | nn.Module | None = None
     original_factory: Callable[[], nn.Module] | None = None
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda it, _desc: it
+    collate_fn: Callable[[list[Any]], Any] | None = None
     epoch: int = 0
     logs: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)

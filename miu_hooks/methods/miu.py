@@ -51,7 +51,9 @@ class MIU(UnlearningMethod):
         )
         # The retain rows between two tuning phases decide how T_o scores cached features.
         self.handle.retain_rows_per_epoch = len(ctx.retain_loader.index_sampler)
-        self.handle.cache_features(ctx.train, num_workers=cfg.num_workers, progress=ctx.progress)
+        self.handle.cache_features(
+            ctx.train, num_workers=cfg.num_workers, progress=ctx.progress, collate_fn=ctx.collate_fn
+        )
 
     def run_epoch(self, ctx: RunContext, epoch: int) -> None:
         handle = self.handle

@@ -100,6 +100,7 @@ class SCRUB(UnlearningMethod):
             base.dataset,
             sampler=base.index_sampler,
             batch_size=cfg.scrub_retain_batch_size or cfg.batch_size,
+            collate_fn=ctx.collate_fn,
             **loader_options(base.dataset, ctx.runtime.device, cfg.num_workers),
         )
 

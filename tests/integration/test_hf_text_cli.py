@@ -118,3 +118,29 @@ def test_cli_unlearns_a_decoder_classifier(workspace):
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
     # Reported on padded batches, recomputed here on each sentence alone.
     assert report["models"]["unlearned"]["TA"] == pytest.approx(accuracy_by_hand(after, test))
+
+
+def test_cli_pads_each_batch_to_its_longest_sentence(workspace, monkeypatch):
+    """Every loader of the command (checks, training, evaluation) trims its batches."""
+    from miu_hooks.cli.text import TrimPadding
+
+    lengths: list[int] = []
+    trim = TrimPadding.__call__
+
+    def recording(self, items):
+        batch = trim(self, items)
+        lengths.append(int(batch[0]["input_ids"].shape[1]))
+        return batch
+
+    monkeypatch.setattr(TrimPadding, "__call__", recording)
+    out = workspace / "out_trim"
+    args = ["-m", str(workspace / "model"), "-d", str(workspace / "train"),
+            "-f", str(workspace / "forget.csv"), "--test", str(workspace / "test"),
+            "-o", str(out), "--epochs", "1", "--batch-size", "4", "--method", "finetune",
+            "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output[-2000:]
+    set_lengths = [max(len(ids) for ids in read_data_index(workspace / name).handle["input_ids"])
+                   for name in ("train", "test")]  # fmt: skip
+    # Without trimming every batch would be as long as its set's longest sentence.
+    assert lengths and max(lengths) <= max(set_lengths) and min(lengths) < min(set_lengths)
