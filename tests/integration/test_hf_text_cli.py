@@ -39,6 +39,20 @@ def workspace(tmp_path_factory):
     return root
 
 
+def run_cli(workspace, model: str, out: str, *extra: str):
+    """``miu-unlearn`` on the workspace's text for one epoch; returns the output folder.
+
+    ``--config`` values in ``extra`` name files of the workspace.
+    """
+    extra = tuple(str(workspace / e) if e.endswith(".json") else e for e in extra)
+    args = ["-m", str(workspace / model), "-d", str(workspace / "train"),
+            "-f", str(workspace / "forget.csv"), "--test", str(workspace / "test"),
+            "-o", str(workspace / out), "--epochs", "1", "--json", *extra]  # fmt: skip
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output[-2000:]
+    return workspace / out
+
+
 def accuracy_by_hand(model, rows) -> float:
     """Accuracy of ``model`` on each sentence run alone, unpadded."""
     model.eval()
@@ -73,13 +87,7 @@ def test_token_dataset_pads_to_the_longest_sentence(workspace):
 
 
 def test_cli_unlearns_a_text_classifier(workspace):
-    out = workspace / "out"
-    args = ["-m", str(workspace / "model"), "-d", str(workspace / "train"),
-            "-f", str(workspace / "forget.csv"), "--test", str(workspace / "test"),
-            "-o", str(out), "--epochs", "1", "--batch-size", "16",
-            "--config", str(workspace / "cfg.json"), "--json"]  # fmt: skip
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output[-2000:]
+    out = run_cli(workspace, "model", "out", "--batch-size", "16", "--config", "cfg.json")
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "miu" and report["forgotten"] == 3
     assert {"model.safetensors", "config.json", "report.md"} <= {p.name for p in out.iterdir()}
@@ -99,13 +107,7 @@ def test_cli_unlearns_a_text_classifier(workspace):
 def test_cli_unlearns_a_decoder_classifier(workspace):
     """A GPT-2 classifier (logits pooled at the last real token) through the same command."""
     build("gpt2").save_pretrained(str(workspace / "gpt2"))
-    out = workspace / "out_gpt2"
-    args = ["-m", str(workspace / "gpt2"), "-d", str(workspace / "train"),
-            "-f", str(workspace / "forget.csv"), "--test", str(workspace / "test"),
-            "-o", str(out), "--epochs", "1", "--batch-size", "16",
-            "--config", str(workspace / "cfg.json"), "--json"]  # fmt: skip
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output[-2000:]
+    out = run_cli(workspace, "gpt2", "out_gpt2", "--batch-size", "16", "--config", "cfg.json")
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "miu" and report["forgotten"] == 3
 
@@ -133,13 +135,7 @@ def test_cli_pads_each_batch_to_its_longest_sentence(workspace, monkeypatch):
         return batch
 
     monkeypatch.setattr(TrimPadding, "__call__", recording)
-    out = workspace / "out_trim"
-    args = ["-m", str(workspace / "model"), "-d", str(workspace / "train"),
-            "-f", str(workspace / "forget.csv"), "--test", str(workspace / "test"),
-            "-o", str(out), "--epochs", "1", "--batch-size", "4", "--method", "finetune",
-            "--json"]  # fmt: skip
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output[-2000:]
+    run_cli(workspace, "model", "out_trim", "--batch-size", "4", "--method", "finetune")
     set_lengths = [max(len(ids) for ids in read_data_index(workspace / name).handle["input_ids"])
                    for name in ("train", "test")]  # fmt: skip
     # Without trimming every batch would be as long as its set's longest sentence.

@@ -18,7 +18,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from model_trace import assert_no_trace, snapshot
-from text_data import DECODERS, build, tokenized, tokenizer
+from text_data import DECODERS, build, perturbed_copy, tokenized, tokenizer
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -120,10 +120,7 @@ def test_gradient_reaches_the_real_tokens_only(models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_original_tap_and_cache_pool_the_same_token(family, models):
     model = copy.deepcopy(models[family])
-    original = copy.deepcopy(model).eval()
-    with torch.no_grad():  # make the copy differ, so its features are its own
-        for p in original.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    original = perturbed_copy(model)  # its features are its own
     data = tokenized(10, seed=5)
     collate = DataCollatorWithPadding(tokenizer())
     handle = attach(model, MIUConfig(mine_hidden=8, batch_size=4), num_groups=4, original=original)

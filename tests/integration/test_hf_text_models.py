@@ -12,13 +12,11 @@ layer.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers as tf
 from model_trace import assert_no_trace, snapshot
-from text_data import FAMILIES, build, tokenized, tokenizer
+from text_data import FAMILIES, build, perturbed_copy, tokenized, tokenizer
 from transformers import DataCollatorWithPadding
 
 from miu_hooks.config import MIUConfig
@@ -108,10 +106,7 @@ def test_composite_head_override_is_tapped_as_given(family, models, batch):
 @pytest.mark.parametrize("family", ["bert", "roberta", "deberta_v2"])
 def test_original_tap_width_and_cache_use_the_same_layer(family, models):
     model = models[family]
-    original = copy.deepcopy(model).eval()
-    with torch.no_grad():  # make the copy differ, so its features are its own
-        for p in original.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    original = perturbed_copy(model)  # its features are its own
     data = tokenized(10, seed=5)
     collate = DataCollatorWithPadding(tokenizer())
     handle = attach(model, MIUConfig(mine_hidden=8, batch_size=4), num_groups=4, original=original)

@@ -134,3 +134,14 @@ def build(family: str, seed: int = 0):
     cls, kw = DECODERS[family] if family in DECODERS else FAMILIES[family][:2]
     torch.manual_seed(seed)
     return tf.AutoModelForSequenceClassification.from_config(getattr(tf, cls)(**kw))
+
+
+def perturbed_copy(model):
+    """An eval-mode copy of ``model`` with every weight moved a little (its features differ)."""
+    import copy
+
+    original = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return original
