@@ -250,7 +250,7 @@ def batch_of_one_problem(model: nn.Module, inputs: Any) -> str | None:
     """
     if not has_batchnorm(model):
         return None
-    from miu_hooks.engine import batchnorm_buffers_restored
+    from miu_hooks.critic_tuning import batchnorm_buffers_restored
 
     modes = {m: m.training for m in model.modules()}
     try:
