@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -37,3 +38,17 @@ def write_record(out: Path, json_path: Path, raw: dict[str, Any],
 def rerender(out: Path, record: Path, render: Callable[[dict[str, Any]], str]) -> None:
     """Write ``out`` again from a raw record alone (no runs)."""
     atomic_write_text(out, render(json.loads(record.read_text())))
+
+
+def add_report_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
+    """``--out`` (the report; its record is the same name with ``.json``) and ``--from-json``."""
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--from-json", type=Path, help="re-render --out from a record, no runs")
+
+
+def rerendered(args: argparse.Namespace, render: Callable[[dict[str, Any]], str]) -> bool:
+    """Re-render ``args.out`` when ``--from-json`` was given; whether it was."""
+    if args.from_json is None:
+        return False
+    rerender(args.out, args.from_json, render)
+    return True

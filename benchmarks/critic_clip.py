@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from bench_models import convnet, mlp, resnet18
-from bench_record import rerender, run_meta, write_record
+from bench_record import add_report_arguments, rerendered, run_meta, write_record
 from bench_settings import Settings
 from speed_backbones import image_task, tiny_vit
 from torch import nn
@@ -160,12 +160,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--quick", action="store_true", help="two seeds on 300 images (smoke run)")
-    p.add_argument("--out", type=Path, default=HERE / "RESULTS_critic_clip.md")
-    p.add_argument("--from-json", type=Path, help="re-render --out from a record, no runs")
+    add_report_arguments(p, HERE / "RESULTS_critic_clip.md")
     args = p.parse_args()
     json_path = args.out.with_suffix(".json")
-    if args.from_json is not None:
-        rerender(args.out, args.from_json, render)
+    if rerendered(args, render):
         return
     torch.set_num_threads(1)
     s, seeds = Settings(), args.seeds

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from bench_models import convnet, mlp, resnet18, train_original
-from bench_record import rerender, run_meta, write_record
+from bench_record import add_report_arguments, rerendered, run_meta, write_record
 from bench_settings import Settings, default_config, load_data, train_config
 from bench_timing import PhaseTimer, step_overhead
 from speed import make_task, quality
@@ -364,12 +364,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
     p.add_argument("--quick", action="store_true", help="small data, one repetition (a smoke run)")
-    p.add_argument("--out", type=Path, default=HERE / "RESULTS_speed_backbones.md")
-    p.add_argument("--from-json", type=Path, help="re-render --out from a record, no runs")
+    add_report_arguments(p, HERE / "RESULTS_speed_backbones.md")
     args = p.parse_args()
     json_path = args.out.with_suffix(".json")
-    if args.from_json is not None:
-        rerender(args.out, args.from_json, render)
+    if rerendered(args, render):
         return
     torch.set_num_threads(1)
     s = Settings()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_check import assert_rerenders
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,9 +37,4 @@ def test_quick_critic_clip_benchmark_writes_results(tmp_path: Path) -> None:
             # The bound never bound: the two runs computed the same thing.
             assert clipped["quality"] == free["quality"], name
             assert clipped["calibration"] == pytest.approx(free["calibration"]), name
-    again = tmp_path / "again.md"  # the report re-renders from the raw JSON alone
-    proc = subprocess.run([sys.executable, str(script), "--from-json",
-                           str(out.with_suffix(".json")), "--out", str(again)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          check=False)  # fmt: skip
-    assert proc.returncode == 0 and again.read_text() == text, proc.stderr[-3000:]
+    assert_rerenders(script, out, tmp_path)

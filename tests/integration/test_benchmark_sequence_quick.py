@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_check import assert_rerenders
 
 from miu_hooks import Ledger
 
@@ -36,13 +37,7 @@ def test_quick_sequence_benchmark_writes_results(tmp_path: Path) -> None:
     ):
         assert heading in text  # fmt: skip
     assert "python benchmarks/sequence.py --quick --requests 3" in text
-    again = tmp_path / "again.md"  # the report re-renders from the raw JSON alone
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sequence.py"), "--requests", "3",
-         "--from-json", str(out.with_suffix(".json")), "--out", str(again)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0 and again.read_text() == text, proc.stderr[-3000:]
+    assert_rerenders(ROOT / "benchmarks" / "sequence.py", out, tmp_path, "--requests", "3")
     raw = json.loads(out.with_suffix(".json").read_text())
     (seed,) = raw["seeds"]
     chunks = seed["chunks"]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_check import assert_rerenders
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,9 +49,4 @@ def test_quick_speed_benchmark_writes_results(tmp_path: Path) -> None:
             # No BatchNorm, no dropout: reused features are the fresh ones.
             a, b = runs["miu"][0]["quality"], runs["miu, fresh features"][0]["quality"]
             assert a == pytest.approx(b, abs=1.0), name
-    again = tmp_path / "again.md"  # the report re-renders from the raw JSON alone
-    proc = subprocess.run([sys.executable, str(script), "--from-json",
-                           str(out.with_suffix(".json")), "--out", str(again)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          check=False)  # fmt: skip
-    assert proc.returncode == 0 and again.read_text() == text, proc.stderr[-3000:]
+    assert_rerenders(script, out, tmp_path)
