@@ -15,6 +15,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# The launched scripts are programs, not test modules: run as ``python script.py`` they
+# import their sibling ``launch`` from their own folder, which an import by pytest
+# (``--doctest-modules``) cannot see.
+collect_ignore = ["integration/scripts"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Keep the repository's ``integrations/`` folder out of collection.

@@ -17,6 +17,8 @@ from torch import nn
 from miu_hooks.distributed import DistributedRuntime, average_gradients, is_distributed
 from miu_hooks.estimators import MIEstimator
 
+from launch import mark_rank_done  # the scripts' folder is sys.path[0]
+
 
 def run_checks() -> None:
     """Run every check on the initialised 2-rank process group (raises on failure)."""
@@ -95,6 +97,7 @@ def main() -> None:
     run_checks()
     if dist.get_rank() == 0:
         print("DIST_RUNTIME_OK", flush=True)
+    mark_rank_done(dist.get_rank())  # run_checks ended with a barrier
     dist.destroy_process_group()
 
 

@@ -28,6 +28,8 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.errors import MIUError
 from miu_hooks.integrations.accelerate import prepare_miu, reweighted_loader
 
+from launch import mark_rank_done  # the scripts' folder is sys.path[0]
+
 CASES = {  # name: (what goes bad, MI weight)
     "label": ("label", 1.0),
     "nan": ("nan", 1.0),
@@ -88,6 +90,7 @@ def main() -> None:
     lines.append("RANK_ERRORS_DONE")
     (Path(sys.argv[1]) / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
     accelerator.wait_for_everyone()
+    mark_rank_done(rank)
     accelerator.end_training()  # destroys the gloo group before interpreter exit
 
 
