@@ -20,12 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from miu_hooks.checks import deferred
-from miu_hooks.config import MIUConfig
 from miu_hooks.data import Batch, forward_logits
 from miu_hooks.estimators import MIEstimator
-from miu_hooks.handle_state import HandleBookkeeping
+from miu_hooks.original_features import OriginalFeatures
 from miu_hooks.phase_features import PhaseFeatures
-from miu_hooks.taps import FeatureTap
 
 __all__ = ["WARMUP_WINDOW", "CriticTuning", "batchnorm_buffers_restored"]
 
@@ -82,39 +80,14 @@ def _cycle(loader: Iterable[Any], epoch: int) -> Iterator[Any]:
         k += 1
 
 
-class CriticTuning(HandleBookkeeping):
+class CriticTuning(OriginalFeatures):
     """Critic-tuning phases of an MIU handle (a base of :class:`~miu_hooks.engine.MIUHandle`)."""
 
     model: nn.Module
-    config: MIUConfig
-    tap: FeatureTap
-    feature_cache: Tensor | None
     tie_critics: bool
     tied_steps: int
     reused_steps: int
     _tune_estimate: Tensor | None
-
-    def split(self, raw: Any) -> Batch:
-        """Implemented by :class:`~miu_hooks.engine.MIUHandle`."""
-        raise NotImplementedError
-
-    def original_features(self, batch: Batch) -> Tensor:
-        """Implemented by :class:`~miu_hooks.engine.MIUHandle`."""
-        raise NotImplementedError
-
-    def _critics(self, z: Tensor) -> tuple[MIEstimator, MIEstimator]:
-        raise NotImplementedError
-
-    def _mi_model(
-        self, z_model: Tensor, groups: Tensor, extra: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        raise NotImplementedError
-
-    def mi_pair(
-        self, z_model: Tensor, z_original: Tensor | None, groups: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """Implemented by :class:`~miu_hooks.engine.MIUHandle`."""
-        raise NotImplementedError
 
     def tune(
         self,

@@ -10,31 +10,31 @@ callback and the Accelerate integration all drive this one handle:
   with ``clip="adaptive"`` the calibration term is scaled by MINE's factor
   (:meth:`MIUHandle.retain_objective`).
 
-The tuning phases are :class:`~miu_hooks.critic_tuning.CriticTuning`'s, the checks,
-logs and checkpoint state :class:`~miu_hooks.handle_state.HandleBookkeeping`'s
-(bases of the handle).
+The handle's bases hold the rest: the critics and their estimates on the global batch
+(:class:`~miu_hooks.critic_estimates.CriticEstimates`), the original's features, their
+cache and T_o's score table (:class:`~miu_hooks.original_features.OriginalFeatures`),
+the tuning phases (:class:`~miu_hooks.critic_tuning.CriticTuning`), and the checks,
+logs and checkpoint state (:class:`~miu_hooks.handle_state.HandleBookkeeping`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from miu_hooks.checks import active_checks, deferred
+from miu_hooks.checks import deferred
 from miu_hooks.clipping import adaptive_calibration_scale
 from miu_hooks.config import MIUConfig
+from miu_hooks.critic_estimates import critic_hidden
 from miu_hooks.critic_tuning import CriticTuning, _cycle, batchnorm_buffers_restored
-from miu_hooks.data import Batch, forward_logits, is_deterministic, split_batch
+from miu_hooks.data import Batch, forward_logits
 from miu_hooks.errors import ConfigError, ConfigTypeError
 from miu_hooks.estimators import MIEstimator
-from miu_hooks.feature_cache import allocate_cache, cache_loader, chunked_score_table, read_rows
 from miu_hooks.functional import (
     calibration_loss,
     check_group_range,
@@ -44,7 +44,7 @@ from miu_hooks.functional import (
 from miu_hooks.original import copy_frozen, load_original
 from miu_hooks.precision import autocast_dtype
 from miu_hooks.runtime import LocalRuntime, Runtime, resolve_device
-from miu_hooks.taps import FeatureTap, feature_width_error, infer_feature_dim, unwrap_model
+from miu_hooks.taps import FeatureTap, infer_feature_dim, unwrap_model
 from miu_hooks.wrappers import refuse_unsupported
 
 __all__ = [
@@ -73,19 +73,6 @@ def resolve_original(model: nn.Module, original: OriginalSpec) -> nn.Module:
     raise ConfigTypeError(
         f"original must be None, a safetensors path or an nn.Module; got {type(original).__name__}"
     )
-
-
-def critic_hidden(config: MIUConfig, feature_dim: int) -> int:
-    """Hidden width of the critics for ``feature_dim``-wide features (``config.critic_width``).
-
-    Example:
-        >>> cfg = MIUConfig(critic_width="feature")
-        >>> critic_hidden(MIUConfig(), 64), critic_hidden(cfg, 64), critic_hidden(cfg, 768)
-        (512, 128, 512)
-    """
-    if config.critic_width == "feature":
-        return min(config.mine_hidden, max(32, 2 * int(feature_dim)))
-    return config.mine_hidden
 
 
 class MIUHandle(CriticTuning):
@@ -169,231 +156,6 @@ class MIUHandle(CriticTuning):
         dim = infer_feature_dim(self.tap.module)
         if dim is not None:
             self._build_critics(dim)
-
-    # -- critics -----------------------------------------------------------------
-    def _build_critics(self, feature_dim: int) -> None:
-        cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            hidden = critic_hidden(cfg, feature_dim)
-            crit_u = MIEstimator(feature_dim, self.num_groups, hidden, cfg.ema)
-            if cfg.critic_init == "shared":  # equal estimates while z_u == z_o
-                crit_o = copy.deepcopy(crit_u)
-            else:
-                crit_o = MIEstimator(feature_dim, self.num_groups, hidden, cfg.ema)
-        self.critic_model = crit_u.to(self.runtime.device).requires_grad_(False)
-        self.critic_original = crit_o.to(self.runtime.device).requires_grad_(False)
-        self.opt_critic_model = torch.optim.SGD(crit_u.parameters(), lr=cfg.mine_lr, momentum=0.9)
-        self.opt_critic_original = torch.optim.SGD(
-            crit_o.parameters(), lr=cfg.mine_lr, momentum=0.9
-        )
-
-    def _critics(self, z: Tensor) -> tuple[MIEstimator, MIEstimator]:
-        if self.critic_model is None:
-            self._build_critics(int(z.shape[1]))
-        assert self.critic_model is not None and self.critic_original is not None
-        if z.dim() != 2 or z.shape[1] != self.critic_model.feature_dim:
-            # The first forward of a run (critic tuning, before any model update) gets here.
-            raise feature_width_error(self.tap.name, z.shape, self.critic_model.feature_dim)
-        return self.critic_model, self.critic_original
-
-    @property
-    def feature_dim(self) -> int | None:
-        """Width d of the tapped features, once known."""
-        return None if self.critic_model is None else self.critic_model.feature_dim
-
-    # -- features ------------------------------------------------------------------
-    def _original_ready(self) -> nn.Module:
-        # Re-assert the mode before every use (docs/method.md §8.3); gradients are off
-        # because every forward of the original runs under no_grad.
-        self.original.train(self.config.original_mode == "train")
-        return self.original
-
-    @torch.no_grad()
-    def original_features(self, batch: Batch) -> Tensor:
-        """Return z_o for ``batch``: from the cache when indexed, else a no-grad forward."""
-        if self.feature_cache is not None and batch.index is not None:
-            return read_rows(self.feature_cache, batch.index, batch.host_index, self.runtime.device)
-        original = self._original_ready()
-        with self.runtime.autocast(), self.tap_original.capturing():
-            forward_logits(original, batch.inputs)
-        return self.tap_original.pop()
-
-    @torch.no_grad()
-    def build_feature_cache(self, loader: Iterable[Any], size: int) -> Tensor:
-        """Compute the original model's features of every sample once.
-
-        ``loader`` must yield indexed batches (see :class:`~miu_hooks.data.IndexedDataset`)
-        covering positions ``0..size-1``; later batches carrying ``index`` read
-        z_o from the cache instead of running the original model. On a GPU the
-        cache is kept in fp32, in bf16 or on the host depending on its size
-        (:mod:`miu_hooks.feature_cache`).
-        """
-        cache: Tensor | None = None
-        self.feature_cache = None
-        self._original_scores = None
-        for raw in loader:
-            batch = self.split(raw)
-            assert batch.index is not None, "feature cache needs indexed batches"
-            z = self.original_features(batch)
-            if cache is None:
-                cache = allocate_cache(size, int(z.shape[1]), z.device)
-            cache[batch.index.to(cache.device)] = z.to(cache.device, cache.dtype)
-        self.feature_cache = cache
-        return cache if cache is not None else torch.zeros(0)
-
-    def cache_features(
-        self,
-        train: Dataset,
-        *,
-        num_workers: int = 0,
-        progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
-    ) -> bool:
-        """Cache z_o of every sample of ``train`` (= D) when ``config.feature_cache`` allows.
-
-        ``"auto"`` caches when reading an item twice gives the same values (no
-        random augmentation); ``"on"`` always; ``"off"`` never. Batches whose
-        ``index`` is a position in ``train`` then read the cache. ``collate_fn``
-        batches the items as training does (e.g. a Trainer's padding collator for
-        text of varying length; default ``default_collate``). Returns whether the
-        cache was built.
-        """
-        cfg = self.config
-        if cfg.feature_cache == "off" or (
-            cfg.feature_cache == "auto" and not is_deterministic(train)
-        ):
-            return False
-        size = len(train)  # type: ignore[arg-type]
-        device = self.runtime.device
-        loader: Iterable[Any] = cache_loader(
-            train, cfg.batch_size, device, num_workers, collate_fn=collate_fn
-        )
-        if progress is not None:
-            loader = progress(loader, "caching original features")
-        self.build_feature_cache(loader, size)
-        logger.info("cached original-model features of %d samples", size)
-        return True
-
-    def split(self, raw: Any) -> Batch:
-        """Split a raw batch with the config's keys and move it to the device."""
-        cfg = self.config
-        batch = (
-            raw
-            if isinstance(raw, Batch)
-            else split_batch(
-                raw,
-                input_key=cfg.input_key,
-                label_key=cfg.label_key,
-                group_key=cfg.group_key,
-                id_key=cfg.id_key,
-            )
-        )
-        self.batch = batch.to(self.runtime.device)
-        return self.batch
-
-    # -- MI --------------------------------------------------------------------------
-    def _marginal(self, n: int, device: torch.device) -> Tensor:
-        gen = self.generator
-        if gen.device == device:
-            return torch.randint(0, self.num_groups, (n,), generator=gen, device=device)
-        return torch.randint(0, self.num_groups, (n,), generator=gen, device=gen.device).to(device)
-
-    def _global_batch(
-        self, z_model: Tensor, groups: Tensor, extra: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Z (with autograd), groups and ``extra`` (detached rows) of the global batch.
-
-        With several processes, the groups, ``extra`` and this rank's verdict on
-        its pending local checks travel in one detached all-gather, so a check
-        that failed on one rank fails the step on every rank
-        (:meth:`~miu_hooks.checks.StepChecks.globalise`).
-        """
-        rt = self.runtime
-        groups = groups.long().reshape(-1)
-        if rt.world_size == 1:
-            return z_model, groups, extra
-        checks = active_checks()
-        n = int(z_model.shape[0])
-        code = checks.local_code(z_model.device) if checks is not None else z_model.new_zeros(())
-        z_all = rt.gather(z_model)  # the step's batch-size check, when the runtime makes one
-        cols = [groups.to(z_model.device).float().unsqueeze(1), code.float().expand(n, 1)]
-        if extra is not None:
-            cols.append(extra.detach().float())
-        meta = rt.gather_detached(torch.cat(cols, 1))
-        if checks is not None:
-            checks.globalise(meta[::n, 1])
-        return z_all, meta[:, 0].round().long(), (meta[:, 2:] if extra is not None else None)
-
-    def _mi_model(
-        self, z_model: Tensor, groups: Tensor, extra: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Î_u on the (global) batch, with the groups, the g̃ drawn and the gathered ``extra``."""
-        z_model, groups, extra = self._global_batch(z_model, groups, extra)
-        # Same value on every rank; clamped so a bad id cannot fault the device first.
-        groups = check_group_range(groups, self.num_groups, local=False)
-        crit_u, _ = self._critics(z_model)
-        marginal = self._marginal(z_model.shape[0], z_model.device)
-        return crit_u(z_model, groups, marginal, check_groups=False), groups, marginal, extra
-
-    def mi_pair(
-        self, z_model: Tensor, z_original: Tensor | None, groups: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """Estimate Î_u and Î_o on the (global) batch with the same marginal groups."""
-        extra = None if z_original is None else z_original.detach()
-        mi_u, groups, marginal, z_o = self._mi_model(z_model, groups, extra)
-        if z_o is None:
-            return mi_u, None
-        assert self.critic_original is not None
-        return mi_u, self.critic_original(z_o, groups, marginal, check_groups=False)
-
-    def uses_score_table(self) -> bool:
-        """Whether retain steps read T_o's scores from a table rather than a T_o forward.
-
-        With the feature cache, z_o is fixed and T_o only changes while tuning, so
-        its scores of every cached row and group (an N x |G| table, rebuilt after
-        each tuning phase) can be looked up instead of computed. The table costs
-        N projections and N·|G| head evaluations per epoch, a T_o forward per
-        retain step R projections and 2R for R retain rows: ``"auto"`` takes the
-        table only when N·(d + |G|) <= R·(d + 2), and when R is unknown (the
-        Trainer and Accelerate routes). Both give the same values (to float
-        round-off).
-        """
-        if self.feature_cache is None or self.critic_original is None:
-            return False
-        if self.original_scoring != "auto":
-            return self.original_scoring == "table"
-        rows = self.retain_rows_per_epoch
-        if rows is None:
-            return True
-        n, d = int(self.feature_cache.shape[0]), int(self.feature_cache.shape[1])
-        return n * (d + self.num_groups) <= rows * (d + 2)
-
-    def _cached_original_rows(self, batch: Batch) -> Tensor | None:
-        """T_o's scores of this batch's cached z_o for every group, or ``None``.
-
-        ``None`` also when :meth:`uses_score_table` prefers a T_o forward.
-        """
-        if batch.index is None or not self.uses_score_table():
-            return None
-        assert self.feature_cache is not None and self.critic_original is not None
-        if self._original_scores is None:
-            self._original_scores = chunked_score_table(
-                self.critic_original.score_table, self.feature_cache, self.runtime.device
-            )
-        table = self._original_scores
-        return table[batch.index.to(table.device)]
-
-    def _mi_pair_cached(
-        self, z_model: Tensor, rows: Tensor, groups: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`mi_pair` with Î_o read from T_o's score table (same marginal groups)."""
-        mi_u, groups, marginal, gathered = self._mi_model(z_model, groups, rows)
-        assert self.critic_original is not None and gathered is not None
-        rows = gathered
-        joint = rows.gather(1, groups.unsqueeze(1)).squeeze(1)
-        marg = rows.gather(1, marginal.unsqueeze(1)).squeeze(1)
-        return mi_u, self.critic_original.bound(joint, marg)
 
     # -- the three steps ---------------------------------------------------------------
     def forget_loss(self, z_model: Tensor, groups: Tensor) -> Tensor:
