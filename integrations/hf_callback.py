@@ -24,14 +24,12 @@ from miu_hooks.integrations.hf_placement import calling_handler, place_before_re
 from miu_hooks.integrations.hf_state import (
     check_trainer_args,
     index_train_dataset,
-    load_state,
     make_runtime,
+    resume_state,
     save_state,
     trainer_precision,
-    warn_if_weights_not_restored,
 )
-from miu_hooks.integrations.loaders import EpochLoader, RankBatchSampler, check_last_batch
-from miu_hooks.loader_options import loader_options
+from miu_hooks.integrations.loaders import EpochLoader, check_last_batch, side_loaders
 from miu_hooks.methods.base import ShuffleSampler
 from miu_hooks.sampling import GroupReweightSampler
 from miu_hooks.unlearn import check_split
@@ -222,9 +220,10 @@ class MIUCallback(TrainerCallback):
                 num_workers=args.dataloader_num_workers,
                 collate_fn=getattr(loader, "collate_fn", None),  # e.g. padding for text
             )
-        self._loaders = self._make_loaders(
-            retain, loader, run_cfg.batch_size, seed, args, indexed=cache_on is not None
-        )
+        self._loaders = side_loaders(
+            self.forget_dataset, plain, loader, self.handle.runtime,
+            batch_size=run_cfg.batch_size, seed=seed, args=args, indexed=cache_on is not None,
+        )  # fmt: skip
         self.guard, held = build_guard(
             plain, retain_groups, self.val_dataset, cfg,
             collate_fn=getattr(loader, "collate_fn", None),
@@ -411,38 +410,6 @@ class MIUCallback(TrainerCallback):
             )
         return self.hooks
 
-    def _make_loaders(
-        self,
-        retain: Dataset,
-        loader: Any,
-        batch_size: int,
-        seed: int,
-        args: Any,
-        *,
-        indexed: bool = False,
-    ) -> tuple[EpochLoader, EpochLoader]:
-        """Forget and tuning loaders; with several processes each rank loads its share."""
-        runtime = self.handle.runtime if self.handle is not None else None
-        rank, world = int(getattr(runtime, "rank", 0)), int(getattr(runtime, "world_size", 1))
-
-        device = self.handle.runtime.device if self.handle is not None else torch.device("cpu")
-
-        def make(dataset: Dataset, offset: int) -> EpochLoader:
-            order = ShuffleSampler(len(dataset), seed + offset)  # type: ignore[arg-type]
-            options = loader_options(dataset, device, args.dataloader_num_workers)
-            options["pin_memory"] &= bool(getattr(args, "dataloader_pin_memory", True))
-            return EpochLoader(
-                dataset,
-                batch_sampler=RankBatchSampler(order, batch_size, rank=rank, world_size=world),
-                collate_fn=getattr(loader, "collate_fn", None),
-                generator=torch.Generator().manual_seed(seed),
-                **options,
-            )
-
-        plain = retain.dataset if isinstance(retain, IndexedDataset) else retain
-        train: Dataset = ConcatDataset([plain, self.forget_dataset])
-        return make(self.forget_dataset, 1), make(IndexedDataset(train) if indexed else train, 2)
-
     def _meta(self) -> dict[str, Any]:
         assert self.handle is not None
         return {
@@ -460,19 +427,5 @@ class MIUCallback(TrainerCallback):
         folder = self.resume_from or os.path.join(
             args.output_dir, f"checkpoint-{state.global_step}"
         )
-        meta = load_state(folder, self.handle)
-        warn_if_weights_not_restored(model, folder)
-        saved = meta.get("config", {})
-        current = self.handle.config.to_dict()
-        changed = sorted(
-            k
-            for k in ("forget_epochs", "mi_weight", "mine_hidden")
-            if k in saved and saved[k] != current[k]
-        )
-        if changed:
-            raise CheckpointError(
-                f"the MIU state in {folder} was written with different {changed}; resume with "
-                "the same MIUConfig or start a new run"
-            )
-        self.started_epoch = int(meta.get("started_epoch", -1))
+        self.started_epoch = resume_state(folder, self.handle, model)
         logger.info("MIUCallback: resumed MIU state from %s (epoch %d)", folder, self.started_epoch)

@@ -137,8 +137,10 @@ def even_batches(args: Any) -> bool:
         False
     """
     config = getattr(args, "accelerator_config", None)
-    value = config.get("even_batches") if isinstance(config, dict) else getattr(
-        config, "even_batches", None
+    value = (
+        config.get("even_batches")
+        if isinstance(config, dict)
+        else getattr(config, "even_batches", None)
     )
     return True if value is None else bool(value)
 
@@ -310,3 +312,30 @@ def warn_if_weights_not_restored(model: torch.nn.Module, folder: str | os.PathLi
         str(folder),
         str(folder),
     )
+
+
+def resume_state(folder: str | os.PathLike[str], handle: MIUHandle, model: torch.nn.Module) -> int:
+    """Restore ``handle`` from the checkpoint ``folder``; return the epoch the run had started.
+
+    Also logs what to do when the Trainer did not restore the checkpoint's model
+    weights (:func:`warn_if_weights_not_restored`).
+
+    Raises:
+        CheckpointError: The MIU state was written with another ``forget_epochs``,
+            ``mi_weight`` or ``mine_hidden`` than ``handle.config``'s.
+    """
+    meta = load_state(folder, handle)
+    warn_if_weights_not_restored(model, folder)
+    saved = meta.get("config", {})
+    current = handle.config.to_dict()
+    changed = sorted(
+        k
+        for k in ("forget_epochs", "mi_weight", "mine_hidden")
+        if k in saved and saved[k] != current[k]
+    )
+    if changed:
+        raise CheckpointError(
+            f"the MIU state in {folder} was written with different {changed}; resume with "
+            "the same MIUConfig or start a new run"
+        )
+    return int(meta.get("started_epoch", -1))

@@ -11,7 +11,7 @@
   of a prepared loader without leaving it registered with Accelerate.
 * :class:`RankBatchSampler` and :class:`EpochLoader` are the loaders of the
   Trainer callback's own passes (forget steps, critic tuning), one global
-  stream cut into per-rank shares.
+  stream cut into per-rank shares; :func:`side_loaders` builds both.
 
 How Accelerate nests samplers (accelerate 1.x, ``accelerate/data_loader.py``):
 ``accelerator.prepare`` returns a ``DataLoaderShard`` whose ``batch_sampler`` is
@@ -32,11 +32,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    Sampler,
+    default_collate,
+)
 
 from miu_hooks import batched
+from miu_hooks.data import IndexedDataset
 from miu_hooks.data_checks import batch_of_one_problem, one_sample_inputs
 from miu_hooks.errors import ConfigError, ModelError
+from miu_hooks.loader_options import loader_options
+from miu_hooks.methods.base import ShuffleSampler
 from miu_hooks.sampling import TrainBatchSampler
 
 __all__ = [
@@ -48,6 +58,7 @@ __all__ = [
     "batch_sampler_chain",
     "index_sampler",
     "replace_index_sampler",
+    "side_loaders",
     "user_collate",
 ]
 
@@ -333,3 +344,41 @@ class EpochLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (same order on every rank)."""
         self.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+
+
+def side_loaders(
+    forget: Dataset,
+    retain: Dataset,
+    loader: Any,
+    runtime: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    args: Any,
+    indexed: bool = False,
+) -> tuple[EpochLoader, EpochLoader]:
+    """The Trainer callback's forget loader and critic-tuning loader (over D = retain + forget).
+
+    With several processes each rank loads its share of one global stream
+    (:class:`RankBatchSampler`). They batch with ``loader``'s collate function (the
+    Trainer's, e.g. padding for text) and follow the Trainer's worker and pin-memory
+    settings (``args``). ``indexed``: the tuning items carry their positions in D,
+    for the feature cache.
+    """
+    rank, world = int(getattr(runtime, "rank", 0)), int(getattr(runtime, "world_size", 1))
+    device = getattr(runtime, "device", torch.device("cpu"))
+
+    def make(dataset: Dataset, offset: int) -> EpochLoader:
+        order = ShuffleSampler(len(dataset), seed + offset)  # type: ignore[arg-type]
+        options = loader_options(dataset, device, args.dataloader_num_workers)
+        options["pin_memory"] &= bool(getattr(args, "dataloader_pin_memory", True))
+        return EpochLoader(
+            dataset,
+            batch_sampler=RankBatchSampler(order, batch_size, rank=rank, world_size=world),
+            collate_fn=getattr(loader, "collate_fn", None),
+            generator=torch.Generator().manual_seed(seed),
+            **options,
+        )
+
+    train: Dataset = ConcatDataset([retain, forget])
+    return make(forget, 1), make(IndexedDataset(train) if indexed else train, 2)
