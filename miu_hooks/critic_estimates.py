@@ -17,7 +17,7 @@ from torch import Tensor
 
 from miu_hooks.checks import active_checks
 from miu_hooks.config import MIUConfig
-from miu_hooks.data import Batch, split_batch
+from miu_hooks.data import Batch, split_batch, split_keys
 from miu_hooks.estimators import MIEstimator
 from miu_hooks.functional import check_group_range
 from miu_hooks.handle_state import HandleBookkeeping
@@ -82,18 +82,7 @@ class CriticEstimates(HandleBookkeeping):
 
     def split(self, raw: Any) -> Batch:
         """Split a raw batch with the config's keys and move it to the device."""
-        cfg = self.config
-        batch = (
-            raw
-            if isinstance(raw, Batch)
-            else split_batch(
-                raw,
-                input_key=cfg.input_key,
-                label_key=cfg.label_key,
-                group_key=cfg.group_key,
-                id_key=cfg.id_key,
-            )
-        )
+        batch = raw if isinstance(raw, Batch) else split_batch(raw, **split_keys(self.config))
         self.batch = batch.to(self.runtime.device)
         return self.batch
 

@@ -18,6 +18,7 @@ from miu_hooks.data import (
     forward_logits,
     raise_if_nonfinite_inputs,
     split_batch,
+    split_keys,
 )
 from miu_hooks.errors import MIUError, NonFiniteLossError, StateError
 from miu_hooks.functional import checked_cross_entropy
@@ -241,14 +242,7 @@ class RunContext:
 
     def split(self, raw: Any) -> Batch:
         """Split a raw batch with the config's keys and move it to the device."""
-        cfg = self.config
-        return split_batch(
-            raw,
-            input_key=cfg.input_key,
-            label_key=cfg.label_key,
-            group_key=cfg.group_key,
-            id_key=cfg.id_key,
-        ).to(self.runtime.device)
+        return split_batch(raw, **split_keys(self.config)).to(self.runtime.device)
 
     def logits(self, batch: Batch, model: nn.Module | None = None) -> Tensor:
         """Forward ``model`` (default: the model being unlearned) under the run's autocast."""
