@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,7 @@ def main() -> None:
         print(f"ranks agree: {accelerator.num_processes} process(es), max |diff| = {spread}")
     miu.remove()
     accelerator.wait_for_everyone()  # no rank tears the process group down under another
+    time.sleep(0.5)  # gloo's workers finish freeing the last tensors (docs/integrations.md §7)
     accelerator.end_training()
 
 

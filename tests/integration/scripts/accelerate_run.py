@@ -21,7 +21,7 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.integrations.accelerate import prepare_miu, reweighted_loader
 from miu_hooks.methods.base import ShuffleSampler
 
-from launch import mark_rank_done  # the scripts' folder is sys.path[0]
+from launch import finish_rank  # the scripts' folder is sys.path[0]
 
 N_RETAIN, N_FORGET, DIM = 96, 32, 8
 
@@ -155,7 +155,7 @@ def main() -> None:
     if accelerator.is_main_process and args.out:
         torch.save(state, args.out)
     accelerator.wait_for_everyone()
-    mark_rank_done(accelerator.process_index)
+    finish_rank(accelerator.process_index)
     accelerator.end_training()
 
 

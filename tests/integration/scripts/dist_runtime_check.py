@@ -17,7 +17,7 @@ from torch import nn
 from miu_hooks.distributed import DistributedRuntime, average_gradients, is_distributed
 from miu_hooks.estimators import MIEstimator
 
-from launch import mark_rank_done  # the scripts' folder is sys.path[0]
+from launch import finish_rank  # the scripts' folder is sys.path[0]
 
 
 def run_checks() -> None:
@@ -97,7 +97,7 @@ def main() -> None:
     run_checks()
     if dist.get_rank() == 0:
         print("DIST_RUNTIME_OK", flush=True)
-    mark_rank_done(dist.get_rank())  # run_checks ended with a barrier
+    finish_rank(dist.get_rank())  # run_checks ended with a barrier
     dist.destroy_process_group()
 
 

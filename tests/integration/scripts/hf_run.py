@@ -19,7 +19,7 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.data import GroupTensorDataset
 from miu_hooks.integrations.hf import MIUCallback, as_trainer_dataset
 
-from launch import mark_rank_done  # the scripts' folder is sys.path[0]
+from launch import finish_rank  # the scripts' folder is sys.path[0]
 
 N_RETAIN, N_FORGET, SIZE = 64, 16, 8
 
@@ -118,7 +118,7 @@ def main() -> None:
         # The Trainer leaves the gloo group alive; torn down at interpreter exit instead,
         # its worker threads can abort the process (SIGABRT) after a run that succeeded.
         dist.barrier()
-        mark_rank_done(dist.get_rank())
+        finish_rank(dist.get_rank())
         dist.destroy_process_group()
 
 

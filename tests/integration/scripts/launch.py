@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -76,15 +77,37 @@ class TeardownWarning(UserWarning):
 DONE_DIR_ENV = "MIU_TEST_DONE_DIR"
 
 
+#: Seconds :func:`finish_rank` leaves gloo's worker threads before the group is torn down.
+SETTLE_S = 0.5
+
+
 def mark_rank_done(rank: int) -> None:
     """Record that ``rank`` passed its last collective with its results written.
 
-    Called by a launched script after its final barrier, before it tears down its
-    process group (a no-op outside :func:`check`'s launches).
+    A no-op outside :func:`check`'s launches. Launched scripts call it through
+    :func:`finish_rank`.
     """
     folder = os.environ.get(DONE_DIR_ENV)
     if folder:
         (Path(folder) / f"rank{rank}.done").touch()
+
+
+def finish_rank(rank: int) -> None:
+    """Mark ``rank`` done, then let gloo's worker threads finish before the group goes.
+
+    Called by a launched script after its final barrier, right before it destroys its
+    process group. A gloo worker thread may still be freeing the last collectives'
+    work, and freeing a tensor that Python also holds takes the GIL. A process group
+    destroyed at that moment (by ``destroy_process_group``, or when the DDP reducer
+    that holds it is freed) joins its worker threads while holding the GIL: each
+    waits for the other, for ever. A two-rank Trainer run hung so here (torch 2.13,
+    transformers 5.25): the main thread in ``~ProcessGroupGloo`` in ``std::thread::join``
+    from ``Reducer::~Reducer``, the worker in ``AsyncBarrierWork::~AsyncBarrierWork`` →
+    ``AsyncAllgatherWork::~AsyncAllgatherWork`` → ``decref_pyobject``, waiting for the GIL.
+    Sleeping releases the GIL, so the worker finishes first.
+    """
+    mark_rank_done(rank)
+    time.sleep(SETTLE_S)
 
 
 def check(
@@ -97,7 +120,7 @@ def check(
     (``PYTHONFAULTHANDLER``) into the error: a hang says where it hangs.
 
     ``ranks``: the launch starts this many ranks, each of which calls
-    :func:`mark_rank_done` after its last barrier. When all of them did, a hang or a
+    :func:`finish_rank` after its last barrier. When all of them did, a hang or a
     crash afterwards happened in torch's process-group teardown, not in the code
     under test (gloo's teardown can hang in ``destroy_process_group``, pytorch#75097,
     or abort at interpreter exit without it): that is a :class:`TeardownWarning`

@@ -28,7 +28,7 @@ from miu_hooks.config import MIUConfig
 from miu_hooks.errors import MIUError
 from miu_hooks.integrations.accelerate import prepare_miu, reweighted_loader
 
-from launch import mark_rank_done  # the scripts' folder is sys.path[0]
+from launch import finish_rank  # the scripts' folder is sys.path[0]
 
 CASES = {  # name: (what goes bad, MI weight)
     "label": ("label", 1.0),
@@ -90,7 +90,7 @@ def main() -> None:
     lines.append("RANK_ERRORS_DONE")
     (Path(sys.argv[1]) / f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
     accelerator.wait_for_everyone()
-    mark_rank_done(rank)
+    finish_rank(rank)
     accelerator.end_training()  # destroys the gloo group before interpreter exit
 
 
